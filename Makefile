@@ -1,0 +1,38 @@
+# edgewatch developer entry points. Every target installs what it needs first.
+PY ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: install install-gateway demo test lint bench model soak clean
+
+$(STAMP): pyproject.toml
+	@command -v $(PY) >/dev/null 2>&1 || { echo "need $(PY) on PATH"; exit 1; }
+	test -d $(VENV) || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[train,dev]'
+	@touch $(STAMP)
+
+## install: .venv with the agent, the train extra (CPU torch) and dev tools
+install: $(STAMP)
+
+## demo: simulator on a pty with a fault, the agent on models/default, alerts to console + local mosquitto
+demo: install
+	@bash scripts/demo.sh
+
+## test: ruff, then the whole pytest suite (starts its own mosquitto brokers)
+test: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/pytest -q
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+## model: regenerate models/default from a fixed-seed simulator recording
+model: install
+	$(BIN)/python -m training.default_model --out models/default
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache

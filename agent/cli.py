@@ -1,0 +1,126 @@
+"""`edgewatch` command line: a thin layer over library functions.
+
+Each command group has one `_add_*` function that declares its arguments and a handler that imports
+its implementation lazily, so `edgewatch --help` stays fast and a gateway without the `train` extra
+can still run every agent command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+
+Handler = Callable[[argparse.Namespace], int | None]
+
+
+def _need_train_extra(feature: str) -> None:
+    """Fail clearly when torch/scikit-learn are not installed (gateway install)."""
+    import importlib.util
+
+    missing = [m for m in ("torch", "sklearn", "onnx") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise SystemExit(
+            f"edgewatch {feature} needs the 'train' extra (missing: {', '.join(missing)}).\n"
+            "Install it on a workstation with:  pip install 'edgewatch[train]'\n"
+            "(torch is pinned to 2.13.0; see README for the CPU-only wheel.)"
+        )
+
+
+def _add_sim(sub: argparse._SubParsersAction) -> None:
+    from firmware_sim.cli import add_arguments
+
+    p = sub.add_parser("sim", help="firmware simulator: a pump's sensors over serial, MQTT or to a CSV file")
+    add_arguments(p)
+
+
+def _add_train(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="train an LSTM autoencoder and write an int8 ONNX model bundle")
+    p.add_argument("data", nargs="+", help="CSV recordings (simulator, SKAB or agent export)")
+    p.add_argument("--out", required=True, help="bundle directory to write")
+    p.add_argument("--channels", nargs="+", help="channel columns to use, in order (default: all known)")
+    p.add_argument("--window", type=int, default=64, help="window length in samples")
+    p.add_argument("--stride", type=int, default=8, help="windows start every STRIDE samples")
+    p.add_argument("--period", type=float, default=None, help="sample period in seconds (default: inferred)")
+    p.add_argument("--epochs", type=int, default=30, help="maximum training epochs (early stopping)")
+    p.add_argument("--hidden", type=int, default=32, help="LSTM hidden size")
+    p.add_argument("--layers", type=int, default=1, help="LSTM layers")
+    p.add_argument("--seed", type=int, default=0, help="random seed for training")
+    p.add_argument("--normal-until", default=None, help="ISO time: rows before it are normal (unlabelled data)")
+    p.add_argument("--no-report", action="store_true", help="skip report.md and plots")
+
+    def handler(args: argparse.Namespace) -> int | None:
+        _need_train_extra("train")
+        from training.cli import run_train
+
+        return run_train(args)
+
+    p.set_defaults(handler=handler)
+
+
+def _add_eval(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("eval", help="evaluate detectors on labelled data (SKAB benchmark)")
+    esub = p.add_subparsers(dest="eval_command", required=True)
+    s = esub.add_parser("skab", help="SKAB benchmark under its published protocol")
+    s.add_argument("--data", required=True, help="SKAB data directory (valve1/, valve2/, other/)")
+    s.add_argument("--out", default=None, help="directory for metrics.json and the report")
+
+    def handler(args: argparse.Namespace) -> int | None:
+        _need_train_extra("eval")
+        from training.skab import run_skab_cli
+
+        return run_skab_cli(args)
+
+    s.set_defaults(handler=handler)
+
+
+def _add_run(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("run", help="run the agent (sources -> model -> alerts -> uplink)")
+    p.add_argument("--config", required=True, help="TOML configuration file")
+
+    def handler(args: argparse.Namespace) -> int | None:
+        from agent.service import run_from_cli
+
+        return run_from_cli(args)
+
+    p.set_defaults(handler=handler)
+
+
+def _add_config(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("config", help="configuration tools")
+    csub = p.add_subparsers(dest="config_command", required=True)
+    c = csub.add_parser("check", help="validate a configuration file and print the effective settings")
+    c.add_argument("file", help="TOML configuration file")
+
+    def handler(args: argparse.Namespace) -> int | None:
+        from agent.config import check_cli
+
+        return check_cli(args)
+
+    c.set_defaults(handler=handler)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="edgewatch", description="Predictive-maintenance agent for edge gateways."
+    )
+    from agent import __version__
+
+    parser.add_argument("--version", action="version", version=f"edgewatch {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add in (_add_sim, _add_train, _add_eval, _add_run, _add_config):
+        add(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    handler: Handler | None = getattr(args, "handler", None)
+    if handler is None:  # a group given without its subcommand
+        build_parser().parse_args([*(argv or sys.argv[1:]), "--help"])
+        return 2
+    return int(handler(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
