@@ -1,0 +1,132 @@
+"""The pipeline: one input in, events out, in one thread.
+
+parse -> validate -> buffer -> window -> score -> threshold -> alert, with sensor health watching the
+inputs on the side. The live service and replay both drive this same object, so replay behaves
+exactly like live: there is no second scoring path.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from agent import metrics
+from agent.alert import AlertManager
+from agent.buffer import Buffer
+from agent.health import HealthMonitor
+from agent.parse import parse
+from agent.score import Scorer
+from agent.threshold import RollingPercentile
+from agent.types import Event, Judgement, RawMessage, Reading, Reject, Window
+from agent.validate import Validator
+from agent.window import Windower
+
+log = logging.getLogger(__name__)
+
+Emit = Callable[[Event], None]
+
+
+@dataclass
+class PipelineStats:
+    """Counts since start, for the status message and tests; Prometheus has the long-term series."""
+
+    accepted: int = 0
+    rejected: dict[str, int] = field(default_factory=dict)
+    windows: int = 0
+    anomalous_windows: int = 0
+    events: dict[str, int] = field(default_factory=dict)
+
+
+class Pipeline:
+    """Wires the stages. Owns no thread and no I/O of its own beyond what the stages do."""
+
+    def __init__(
+        self,
+        *,
+        validator: Validator,
+        buffer: Buffer,
+        scorer: Scorer,
+        windower: Windower,
+        thresholder: RollingPercentile,
+        alerts: AlertManager,
+        health: HealthMonitor,
+        emit: Emit,
+        on_judgement: Callable[[Judgement], None] | None = None,
+    ) -> None:
+        self.validator = validator
+        self.buffer = buffer
+        self.scorer = scorer
+        self.windower = windower
+        self.thresholder = thresholder
+        self.alerts = alerts
+        self.health = health
+        self._emit = emit
+        self._on_judgement = on_judgement
+        self.stats = PipelineStats()
+
+    # -- inputs ---------------------------------------------------------------------------------
+    def process_raw(self, msg: RawMessage) -> None:
+        """A line or payload as it came off the wire."""
+        item = parse(msg)
+        if isinstance(item, Reject):
+            metrics.READINGS_REJECTED.labels(item.reason).inc()  # validation counts its own
+            self._rejected(item, msg.origin, msg.received)
+            return
+        self.process_reading(item, now=msg.received, origin=msg.origin)
+
+    def process_reading(self, reading: Reading, *, now: float | None = None, origin: str = "") -> None:
+        """A parsed reading (live sources after parsing, or replay straight from a recording)."""
+        checked = self.validator.check(reading, now)
+        if isinstance(checked, Reject):
+            self._rejected(checked, origin or reading.device, now if now is not None else reading.ts)
+            return
+        self.stats.accepted += 1
+        self._send(self.health.observe_reading(checked))
+        self.buffer.add(checked)
+        windows = self.windower.push(checked)
+        if windows:
+            self.score_windows(windows)
+
+    def score_windows(self, windows: list[Window]) -> list[Judgement]:
+        """Score a batch of ready windows and run each verdict through threshold and alerts."""
+        t0 = time.perf_counter()
+        scores = self.scorer.score(windows)
+        metrics.SCORE_LATENCY.observe(time.perf_counter() - t0)
+        judgements: list[Judgement] = []
+        for score in scores:
+            judgement = self.thresholder.classify(score)
+            self.thresholder.learn_one(judgement)
+            judgements.append(judgement)
+            metrics.WINDOWS_SCORED.labels(score.device).inc()
+            metrics.LAST_SCORE.labels(score.device).set(score.error)
+            self.stats.windows += 1
+            self.stats.anomalous_windows += int(judgement.anomalous)
+            if self._on_judgement is not None:
+                self._on_judgement(judgement)
+            self._send(self.alerts.update(judgement))
+        self.buffer.add_judgements(judgements)
+        return judgements
+
+    def tick(self, now: float) -> None:
+        """Time-driven checks (silence); called by the service's loop, and by replay on data time."""
+        self._send(self.health.tick(now))
+
+    # -- model swap -----------------------------------------------------------------------------
+    def swap_scorer(self, scorer: Scorer, windower: Windower, thresholder: RollingPercentile) -> None:
+        """Install a new verified model. Called only from the pipeline's own thread."""
+        self.scorer = scorer
+        self.windower = windower
+        self.thresholder = thresholder
+
+    # -- helpers --------------------------------------------------------------------------------
+    def _rejected(self, reject: Reject, origin: str, now: float) -> None:
+        self.stats.rejected[reject.reason] = self.stats.rejected.get(reject.reason, 0) + 1
+        self._send(self.health.observe_reject(reject, origin, now))
+
+    def _send(self, events: list[Event]) -> None:
+        for event in events:
+            key = f"{event.topic_kind}:{event.payload.get('state', '')}"
+            self.stats.events[key] = self.stats.events.get(key, 0) + 1
+            self._emit(event)

@@ -1,0 +1,275 @@
+"""`edgewatch run`: builds the pipeline from the config and runs it until SIGTERM/SIGINT.
+
+Threads: each source and the uplink's MQTT client have their own; everything that touches pipeline
+state (SQLite buffer, windows, thresholds, alerts) runs in the one main-loop thread. Sources put raw
+messages on a queue; apscheduler jobs put *tasks* on the same queue, so periodic work never races
+the pipeline.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import queue
+import signal
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from apscheduler.schedulers.background import BackgroundScheduler
+
+from agent import __version__, metrics
+from agent.alert import AlertManager
+from agent.buffer import Buffer
+from agent.bundle import Bundle, BundleError, load_bundle
+from agent.config import AgentConfig, ConfigError, load_config
+from agent.db import open_db
+from agent.health import HealthMonitor
+from agent.notify import Notifier
+from agent.pipeline import Pipeline
+from agent.score import Scorer
+from agent.source import MqttSource, SerialSource, Source
+from agent.threshold import RollingPercentile
+from agent.types import Event, RawMessage
+from agent.uplink import ConsoleSink, Outbox, Uplink
+from agent.validate import Validator
+from agent.window import Windower
+
+log = logging.getLogger("edgewatch")
+
+Task = Callable[[], None]
+
+
+def build_source(cfg: Any) -> Source:
+    if cfg.type == "serial":
+        return SerialSource(cfg)
+    if cfg.type == "mqtt":
+        return MqttSource(cfg)
+    raise ValueError(f"unknown source type {cfg.type!r}")
+
+
+def bundle_fingerprint(path: Path) -> tuple[float, int] | None:
+    """Cheap change detector for the model watch job: the manifest's mtime and size."""
+    manifest = path / "manifest.json"
+    try:
+        st = manifest.stat()
+    except OSError:
+        return None
+    return (st.st_mtime, st.st_size)
+
+
+class Agent:
+    """The running agent. `run()` blocks until `stop()` (or a signal) and returns an exit code."""
+
+    def __init__(self, config: AgentConfig, *, sources: list[Source] | None = None) -> None:
+        self.config = config
+        self.started = time.time()
+        self.queue: queue.Queue[RawMessage | Task] = queue.Queue(maxsize=100_000)
+        self._stop = threading.Event()
+        self.notifier = Notifier()
+
+        state_dir = Path(config.gateway.state_dir)
+        state_dir.mkdir(parents=True, exist_ok=True)
+        self.db_path = state_dir / "edgewatch.db"
+        self.db = open_db(self.db_path, synchronous=config.buffer.synchronous)
+
+        # The agent refuses to start without a valid model: scoring garbage is worse than not running.
+        self.bundle = load_bundle(config.model.path)
+        self._bundle_seen = bundle_fingerprint(Path(config.model.path))
+
+        self.outbox = Outbox(self.db_path, config.uplink)
+        self.uplink: Uplink | None = (
+            Uplink(config.uplink, self.outbox, config.gateway.id, self.status) if config.uplink.enabled else None
+        )
+        self.console = ConsoleSink() if config.uplink.console else None
+
+        buffer = Buffer(self.db, config.buffer)
+        validator = Validator(config.validation)
+        validator.restore(buffer.last_ts_by_device())
+        scorer, windower, thresholder = self._model_stages(self.bundle)
+        self.pipeline = Pipeline(
+            validator=validator,
+            buffer=buffer,
+            scorer=scorer,
+            windower=windower,
+            thresholder=thresholder,
+            alerts=AlertManager(
+                config.alerts, config.gateway.id, self.db, channel_norm=self._channel_norm(self.bundle)
+            ),
+            health=HealthMonitor(config.health, config.gateway.id),
+            emit=self.emit,
+        )
+        self.sources = sources if sources is not None else [build_source(s) for s in config.sources]
+        self.scheduler = BackgroundScheduler(daemon=True)
+
+    # -- model --------------------------------------------------------------------------------
+    def _model_stages(self, bundle: Bundle) -> tuple[Scorer, Windower, RollingPercentile]:
+        scorer = Scorer(bundle, threads=self.config.model.threads)
+        windower = Windower(
+            scorer.channels, scorer.window, scorer.stride, scorer.period, self.config.window.max_gap_s
+        )
+        thresholder = RollingPercentile(
+            self.config.threshold, bundle.manifest.calibration.quantiles, self.db, model_id=bundle.model_id
+        )
+        return scorer, windower, thresholder
+
+    @staticmethod
+    def _channel_norm(bundle: Bundle) -> dict[str, float] | None:
+        cal = bundle.manifest.calibration
+        means = getattr(cal, "channel_error_mean", None)
+        if not means:
+            return None
+        names = [c.name for c in bundle.manifest.channels]
+        return dict(zip(names, means, strict=False)) if isinstance(means, list) else dict(means)
+
+    def check_model(self) -> None:
+        """Scheduler job (runs in the main loop): swap in a new bundle after it verifies."""
+        path = Path(self.config.model.path)
+        seen = bundle_fingerprint(path)
+        if seen is None or seen == self._bundle_seen:
+            return
+        try:
+            bundle = load_bundle(path)
+            stages = self._model_stages(bundle)
+        except (BundleError, OSError, ValueError) as exc:
+            log.error("new model bundle in %s refused, keeping %s: %s", path, self.bundle.model_id, exc)
+            self._bundle_seen = seen  # do not retry the same broken files every interval
+            return
+        self.pipeline.buffer.flush()
+        self.pipeline.thresholder.save()
+        self.pipeline.swap_scorer(*stages)
+        self.pipeline.alerts.channel_norm = self._channel_norm(bundle)
+        log.info("model swapped: %s -> %s", self.bundle.model_id, bundle.model_id)
+        self.bundle = bundle
+        self._bundle_seen = seen
+
+    # -- outputs ------------------------------------------------------------------------------
+    def emit(self, event: Event) -> None:
+        if self.console is not None:
+            self.console(event)
+        if self.uplink is not None:
+            self.uplink.enqueue(event)
+
+    def status(self) -> dict[str, Any]:
+        """Body of the retained status message (the uplink adds envelope fields)."""
+        return {
+            "version": __version__,
+            "model_id": self.bundle.model_id,
+            "uptime_s": round(time.time() - self.started, 1),
+            "outbox": {"depth": self.outbox.depth(), "dropped": self.outbox.dropped()},
+            "devices": sorted(self.pipeline.windower.devices()) if hasattr(self.pipeline.windower, "devices") else [],
+        }
+
+    # -- loop ---------------------------------------------------------------------------------
+    def submit(self, task: Task) -> None:
+        """Run `task` in the main loop (used by scheduler jobs)."""
+        try:
+            self.queue.put_nowait(task)
+        except queue.Full:
+            log.warning("main queue full; periodic task skipped")
+
+    def _sink(self, msg: RawMessage) -> None:
+        # Blocks the source thread when the pipeline falls behind: back-pressure, not silent loss.
+        self.queue.put(msg)
+
+    def _schedule(self) -> None:
+        sc = self.config.scheduler
+        add = self.scheduler.add_job
+        add(lambda: self.submit(self.pipeline.buffer.flush), "interval", seconds=self.config.buffer.flush_interval_s)
+        add(lambda: self.submit(lambda: self.pipeline.tick(time.time())), "interval", seconds=1)
+        add(lambda: self.submit(self._retention), "interval", seconds=sc.retention_interval_s)
+        add(lambda: self.submit(self.pipeline.thresholder.save), "interval", seconds=sc.flush_interval_s)
+        add(lambda: self.submit(self.check_model), "interval", seconds=self.config.model.watch_interval_s)
+        if self.uplink is not None:
+            add(lambda: self.submit(self.uplink.publish_status), "interval", seconds=sc.status_interval_s)
+
+    def _retention(self) -> None:
+        self.pipeline.buffer.apply_retention(time.time())
+        self.outbox.expire(time.time())
+
+    def stop(self, *_: Any) -> None:
+        self._stop.set()
+
+    def run(self) -> int:
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, self.stop)
+            signal.signal(signal.SIGINT, self.stop)
+        if self.config.metrics.enabled:
+            from prometheus_client import start_http_server
+
+            start_http_server(self.config.metrics.port, addr=self.config.metrics.host, registry=metrics.REGISTRY)
+        if self.uplink is not None:
+            self.uplink.start()
+        for source in self.sources:
+            source.start(self._sink)
+        self._schedule()
+        self.scheduler.start()
+        log.info(
+            "edgewatch %s running: gateway %s, model %s, %d source(s)",
+            __version__,
+            self.config.gateway.id,
+            self.bundle.model_id,
+            len(self.sources),
+        )
+        self.notifier.ready(f"model {self.bundle.model_id}")
+        try:
+            while not self._stop.is_set():
+                try:
+                    item = self.queue.get(timeout=0.5)
+                except queue.Empty:
+                    self.notifier.watchdog()  # idle but the loop turns: that is progress
+                    continue
+                self._handle(item)
+                self.notifier.watchdog()
+        finally:
+            self.shutdown()
+        return 0
+
+    def _handle(self, item: RawMessage | Task) -> None:
+        try:
+            if isinstance(item, RawMessage):
+                self.pipeline.process_raw(item)
+            else:
+                item()
+        except Exception:  # one bad input or job must not take the gateway down
+            log.exception("error while processing %s", type(item).__name__)
+            metrics.DB_ERRORS.labels("pipeline").inc()
+
+    def shutdown(self) -> None:
+        """Stop sources first, finish what is queued, persist state, then let the uplink drain."""
+        self.notifier.stopping()
+        for source in self.sources:
+            try:
+                source.stop()
+            except Exception:
+                log.exception("stopping source %s", getattr(source, "name", source))
+        self.scheduler.shutdown(wait=False)
+        while True:
+            try:
+                self._handle(self.queue.get_nowait())
+            except queue.Empty:
+                break
+        self.pipeline.buffer.flush()
+        self.pipeline.thresholder.save()
+        if self.uplink is not None:
+            self.uplink.flush(timeout=self.config.uplink.shutdown_flush_s)
+            self.uplink.stop()
+        self.db.conn.close()
+        log.info("edgewatch stopped")
+
+
+def run_from_cli(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        log.error("%s", exc)
+        return 2
+    try:
+        agent = Agent(config)
+    except BundleError as exc:
+        log.error("cannot start without a valid model bundle: %s", exc)
+        return 3
+    return agent.run()
