@@ -81,7 +81,9 @@ class Agent:
 
         self.outbox = Outbox(self.db_path, config.uplink)
         self.uplink: Uplink | None = (
-            Uplink(config.uplink, self.outbox, config.gateway.id, self.status) if config.uplink.enabled else None
+            Uplink(config.uplink, self.outbox, config.gateway.id, self.status)
+            if config.uplink.enabled
+            else None
         )
         self.console = ConsoleSink() if config.uplink.console else None
 
@@ -159,7 +161,9 @@ class Agent:
             "model_id": self.bundle.model_id,
             "uptime_s": round(time.time() - self.started, 1),
             "outbox": {"depth": self.outbox.depth(), "dropped": self.outbox.dropped()},
-            "devices": sorted(self.pipeline.windower.devices()) if hasattr(self.pipeline.windower, "devices") else [],
+            "devices": sorted(self.pipeline.windower.devices())
+            if hasattr(self.pipeline.windower, "devices")
+            else [],
         }
 
     # -- loop ---------------------------------------------------------------------------------
@@ -177,7 +181,11 @@ class Agent:
     def _schedule(self) -> None:
         sc = self.config.scheduler
         add = self.scheduler.add_job
-        add(lambda: self.submit(self.pipeline.buffer.flush), "interval", seconds=self.config.buffer.flush_interval_s)
+        add(
+            lambda: self.submit(self.pipeline.buffer.flush),
+            "interval",
+            seconds=self.config.buffer.flush_interval_s,
+        )
         add(lambda: self.submit(lambda: self.pipeline.tick(time.time())), "interval", seconds=1)
         add(lambda: self.submit(self._retention), "interval", seconds=sc.retention_interval_s)
         add(lambda: self.submit(self.pipeline.thresholder.save), "interval", seconds=sc.flush_interval_s)
@@ -199,7 +207,9 @@ class Agent:
         if self.config.metrics.enabled:
             from prometheus_client import start_http_server
 
-            start_http_server(self.config.metrics.port, addr=self.config.metrics.host, registry=metrics.REGISTRY)
+            start_http_server(
+                self.config.metrics.port, addr=self.config.metrics.host, registry=metrics.REGISTRY
+            )
         if self.uplink is not None:
             self.uplink.start()
         for source in self.sources:
