@@ -6,7 +6,15 @@ here as their own events and never reach the anomaly detector as fake machine an
 
 from __future__ import annotations
 
+import hashlib
+import math
+from collections import deque
+from dataclasses import dataclass
+
 from pydantic import BaseModel, ConfigDict, Field
+
+from agent import metrics
+from agent.types import Event, Reading, Reject
 
 
 class HealthConfig(BaseModel):
@@ -32,3 +40,190 @@ class HealthConfig(BaseModel):
         gt=0.0,
         description="an out_of_range / nan / garbage event clears after this long without offences",
     )
+
+
+# Reject reason codes (docs/protocol.md) -> health event kind. Other reasons (duplicate, out_of_order,
+# future) are about timing, not about a sensor or a line, and are only counted by the parser's metric.
+REJECT_KINDS: dict[str, str] = {
+    "range": "out_of_range",
+    "nan": "nan",
+    **{reason: "garbage" for reason in ("encoding", "checksum", "syntax", "too_long", "version", "schema")},
+}
+
+
+def event_id(kind: str, source: str, channel: str | None, raised_ts: float) -> str:
+    """Deterministic id of one episode, so a replay produces the same ids as the live run."""
+    return hashlib.sha256(f"{kind}|{source}|{channel or ''}|{raised_ts:.3f}".encode()).hexdigest()[:16]
+
+
+@dataclass
+class _Episode:
+    """One raised health event, until it is cleared."""
+
+    event_id: str
+    kind: str
+    source: str  # device, or the origin (port / topic) when the device is unknown
+    channel: str | None
+    raised_ts: float
+    count: int
+    last_offence: float
+
+
+@dataclass
+class _Run:
+    """The current run of near-identical values of one channel."""
+
+    lo: float
+    hi: float
+    n: int
+
+
+class HealthMonitor:
+    """Raises each sensor-health problem once per episode and clears it once.
+
+    - silent: a device seen before sends nothing for silence_s (checked by tick), cleared by its next reading;
+    - stuck: stuck_n consecutive values of a channel within stuck_eps, cleared when the value moves;
+    - out_of_range / nan / garbage: reject_k offending inputs within reject_window_s, cleared by tick
+      after clear_s without a new one. Garbage without a device is attributed to its origin.
+    """
+
+    def __init__(self, config: HealthConfig, gateway_id: str) -> None:
+        self.config = config
+        self.gateway_id = gateway_id
+        self._last_seen: dict[str, float] = {}
+        self._runs: dict[tuple[str, str], _Run] = {}
+        self._offences: dict[tuple[str, str], deque[float]] = {}
+        self._open: dict[tuple[str, str | None, str], _Episode] = {}  # (source, channel, kind)
+
+    def observe_reading(self, reading: Reading) -> list[Event]:
+        """Track silence and stuck channels. Uses the gateway clock when known (device time in replay)."""
+        now = reading.received if reading.received is not None else reading.ts
+        events: list[Event] = []
+        self._last_seen[reading.device] = now
+        silent = self._open.get((reading.device, None, "silent"))
+        if silent is not None:
+            events.append(self._clear(silent, now, "readings resumed"))
+        for channel, value in reading.values.items():
+            if not math.isfinite(value):
+                continue  # a missing value neither extends nor breaks a run
+            events.extend(self._observe_value(reading.device, channel, value, now))
+        return events
+
+    def observe_reject(self, reject: Reject, origin: str, now: float) -> list[Event]:
+        """Count an offending input; raise when reject_k fall within reject_window_s."""
+        events: list[Event] = []
+        if reject.device is not None and reject.device in self._last_seen:
+            # a device that sends bad data is not silent: report the bad data, not a second problem
+            self._last_seen[reject.device] = now
+            silent = self._open.get((reject.device, None, "silent"))
+            if silent is not None:
+                events.append(self._clear(silent, now, f"input resumed (rejected: {reject.reason})"))
+        kind = REJECT_KINDS.get(reject.reason)
+        if kind is None:
+            return events
+        source = reject.device or origin
+        window = self._offences.setdefault((source, kind), deque())
+        window.append(now)
+        while window and window[0] <= now - self.config.reject_window_s:
+            window.popleft()
+        episode = self._open.get((source, None, kind))
+        if episode is not None:
+            episode.count += 1
+            episode.last_offence = now
+            return events
+        if len(window) < self.config.reject_k:
+            return events
+        detail = (
+            f"{len(window)} {reject.reason} rejects within {self.config.reject_window_s:g} s"
+            f" (last: {reject.detail})"
+        )
+        if source != reject.device:
+            detail += f"; device unknown, reported by origin {origin}"
+        events.append(self._raise(kind, source, None, now, len(window), detail))
+        return events
+
+    def tick(self, now: float) -> list[Event]:
+        """Periodic checks on the gateway clock: silent devices, and reject episodes that went quiet."""
+        events: list[Event] = []
+        for device, seen in self._last_seen.items():
+            quiet = now - seen
+            if quiet >= self.config.silence_s and (device, None, "silent") not in self._open:
+                events.append(self._raise("silent", device, None, now, 0, f"no reading for {quiet:.1f} s"))
+        for episode in list(self._open.values()):
+            if episode.kind in REJECT_KINDS.values() and now - episode.last_offence >= self.config.clear_s:
+                events.append(
+                    self._clear(episode, now, f"no offending input for {now - episode.last_offence:.1f} s")
+                )
+        return events
+
+    def active(self) -> list[dict]:
+        """Raised, not yet cleared events (for status and tests)."""
+        return [
+            {
+                "event_id": e.event_id,
+                "kind": e.kind,
+                "device": e.source,
+                "channel": e.channel,
+                "count": e.count,
+            }
+            for e in self._open.values()
+        ]
+
+    # -- internals ----------------------------------------------------------------------------------
+    def _observe_value(self, device: str, channel: str, value: float, now: float) -> list[Event]:
+        key = (device, channel)
+        run = self._runs.get(key)
+        if run is not None and max(run.hi, value) - min(run.lo, value) <= self.config.stuck_eps:
+            run.lo, run.hi, run.n = min(run.lo, value), max(run.hi, value), run.n + 1
+            episode = self._open.get((device, channel, "stuck"))
+            if episode is not None:
+                episode.count = run.n
+                return []
+            if run.n >= self.config.stuck_n:
+                detail = f"{run.n} consecutive readings at {value:g}"
+                return [self._raise("stuck", device, channel, now, run.n, detail)]
+            return []
+        self._runs[key] = _Run(lo=value, hi=value, n=1)
+        episode = self._open.get((device, channel, "stuck"))
+        if episode is None:
+            return []
+        return [self._clear(episode, now, f"value moved to {value:g} after {episode.count} readings")]
+
+    def _raise(
+        self, kind: str, source: str, channel: str | None, now: float, count: int, detail: str
+    ) -> Event:
+        episode = _Episode(
+            event_id=event_id(kind, source, channel, now),
+            kind=kind,
+            source=source,
+            channel=channel,
+            raised_ts=now,
+            count=count,
+            last_offence=now,
+        )
+        self._open[(source, channel, kind)] = episode
+        return self._event(episode, "raised", 0, now, detail)
+
+    def _clear(self, episode: _Episode, now: float, detail: str) -> Event:
+        del self._open[(episode.source, episode.channel, episode.kind)]
+        if episode.kind != "silent" and episode.kind != "stuck":
+            self._offences.pop((episode.source, episode.kind), None)
+        return self._event(episode, "cleared", 1, now, detail)
+
+    def _event(self, episode: _Episode, state: str, n: int, now: float, detail: str) -> Event:
+        metrics.HEALTH_EVENTS.labels(episode.kind, state).inc()
+        payload = {
+            "v": 1,
+            "type": "health",
+            "msg_id": f"{episode.event_id}:{n}",
+            "event_id": episode.event_id,
+            "state": state,
+            "gateway": self.gateway_id,
+            "device": episode.source,
+            "channel": episode.channel,
+            "kind": episode.kind,
+            "ts": now,
+            "detail": detail,
+            "count": episode.count,
+        }
+        return Event(topic_kind="health", device=episode.source, payload=payload)

@@ -8,9 +8,23 @@ degradation that would then hide itself.
 
 from __future__ import annotations
 
-from typing import Literal
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass
+from typing import Literal, Protocol
 
+import numpy as np
+import sqlite_utils
 from pydantic import BaseModel, ConfigDict, Field
+
+from agent import metrics
+from agent.types import Judgement, Score
+
+log = logging.getLogger(__name__)
+
+_KEY_PREFIX = "threshold:"
 
 CalibrationQuantile = Literal["p50", "p90", "p99", "p99.5", "p99.9"]
 
@@ -58,3 +72,249 @@ class ThresholdConfig(BaseModel):
     persist_every_s: float = Field(
         5.0, ge=0.0, description="save the baseline to SQLite at most this often (and on save())"
     )
+
+
+class Thresholder(Protocol):
+    """What the pipeline needs from any thresholder (the conformance tests hold every class to it)."""
+
+    def classify(self, score: Score) -> Judgement: ...
+    def learn_one(self, judgement: Judgement) -> None: ...
+    def threshold(self, device: str) -> float: ...
+    def save(self) -> None: ...
+    def reset(self, device: str) -> None: ...
+
+
+def _bounds(config: ThresholdConfig, calibration: dict[str, float]) -> tuple[float, float, float]:
+    """(start, floor, ceiling) from the bundle's calibration quantiles; fail clearly on a bad manifest."""
+    needed = {config.start_quantile, config.floor_quantile, "p99.9"}
+    missing = sorted(needed - calibration.keys())
+    if missing:
+        raise ValueError(f"calibration quantiles missing {missing} (have {sorted(calibration)})")
+    for key in needed:
+        value = calibration[key]
+        if not (isinstance(value, int | float) and math.isfinite(value) and value > 0):
+            raise ValueError(f"calibration quantile {key} must be a positive finite number, got {value!r}")
+    floor = config.floor_factor * float(calibration[config.floor_quantile])
+    ceiling = config.ceiling_factor * float(calibration["p99.9"])
+    if floor > ceiling:
+        raise ValueError(
+            f"threshold floor {floor:g} ({config.floor_factor} x {config.floor_quantile}) is above the "
+            f"ceiling {ceiling:g} ({config.ceiling_factor} x p99.9): lower floor_factor or raise "
+            "ceiling_factor"
+        )
+    start = min(max(float(calibration[config.start_quantile]), floor), ceiling)
+    return start, floor, ceiling
+
+
+def _check_score(score: Score) -> None:
+    if not math.isfinite(score.error):
+        raise ValueError(
+            f"non-finite score {score.error!r} for {score.device} at {score.end_ts}: windows with gaps "
+            "or NaN must not be scored"
+        )
+
+
+@dataclass
+class _Baseline:
+    """One device's ring of recent normal scores, plus the threshold derived from it."""
+
+    ring: np.ndarray
+    count: int = 0  # filled slots (<= len(ring))
+    pos: int = 0  # next slot to write
+    model_id: str | None = None
+    relearn: bool = False  # after reset(): learn a new normal under the ceiling
+    cached: float | None = None  # threshold, recomputed lazily after learn_one
+    dirty: bool = False  # changed since last persisted
+
+    def chronological(self) -> np.ndarray:
+        if self.count < len(self.ring):
+            return self.ring[: self.count].copy()
+        return np.roll(self.ring, -self.pos)
+
+
+class RollingPercentile:
+    """threshold = clip(margin x rolling quantile of the last N normal scores, floor, ceiling), per device.
+
+    Until min_history normal scores are seen the calibration start value is used. Only windows judged
+    normal enter the baseline, so an anomaly cannot raise the bar it is measured against (the telemanom
+    failure mode of a sliding threshold jumping when an anomaly enters its window).
+    """
+
+    def __init__(
+        self,
+        config: ThresholdConfig,
+        calibration: dict[str, float],
+        db: sqlite_utils.Database | None = None,
+    ) -> None:
+        self.config = config
+        self.start, self.floor, self.ceiling = _bounds(config, calibration)
+        self.db = db
+        self._devices: dict[str, _Baseline] = {}
+        self._last_persist = time.monotonic()
+        if db is not None:
+            self._restore()
+
+    # -- pipeline API -------------------------------------------------------------------------------
+    def classify(self, score: Score) -> Judgement:
+        _check_score(score)
+        base = self._baseline(score.device, score.model_id)
+        thr = self._threshold(base)
+        metrics.THRESHOLD.labels(score.device).set(thr)
+        return Judgement(score=score, threshold=thr, anomalous=score.error > thr)
+
+    def learn_one(self, judgement: Judgement) -> None:
+        """Add a normal score to its device's baseline; anomalous ones are left out on purpose."""
+        if judgement.anomalous:
+            return
+        score = judgement.score
+        _check_score(score)
+        base = self._baseline(score.device, score.model_id)
+        base.ring[base.pos] = score.error
+        base.pos = (base.pos + 1) % len(base.ring)
+        base.count = min(base.count + 1, len(base.ring))
+        if base.relearn and base.count >= self.config.min_history:
+            base.relearn = False
+        base.cached = None
+        base.dirty = True
+        if self.db is not None and time.monotonic() - self._last_persist >= self.config.persist_every_s:
+            self.save()
+
+    def threshold(self, device: str) -> float:
+        base = self._devices.get(device)
+        return self.start if base is None else self._threshold(base)
+
+    def history(self, device: str) -> np.ndarray:
+        """The device's baseline, oldest first (for diagnostics and tests)."""
+        base = self._devices.get(device)
+        return np.empty(0) if base is None else base.chronological()
+
+    def reset(self, device: str) -> None:
+        """Accept a new normal: forget the baseline and relearn it.
+
+        While relearning (until min_history normal scores), the ceiling is the threshold, so scores up to
+        the ceiling form the new baseline instead of all being judged anomalous against the old one;
+        only gross anomalies above the ceiling still alert.
+        """
+        self._devices[device] = _Baseline(
+            ring=np.zeros(self.config.history),
+            relearn=True,
+            dirty=True,
+            model_id=self._devices[device].model_id if device in self._devices else None,
+        )
+        self.save()
+
+    def save(self) -> None:
+        """Persist every changed baseline in one transaction (called on shutdown and every few seconds)."""
+        self._last_persist = time.monotonic()
+        if self.db is None:
+            return
+        dirty = [(d, b) for d, b in self._devices.items() if b.dirty]
+        if not dirty:
+            return
+        now = time.time()
+        rows = [
+            {
+                "key": f"{_KEY_PREFIX}{device}",
+                "value_json": json.dumps(
+                    {
+                        "v": 1,
+                        "model_id": base.model_id,
+                        "relearn": base.relearn,
+                        "history": self.config.history,
+                        "scores": base.chronological().tolist(),
+                    }
+                ),
+                "updated": now,
+            }
+            for device, base in dirty
+        ]
+        with self.db.atomic():
+            self.db["state"].upsert_all(rows, pk="key")
+        for _, base in dirty:
+            base.dirty = False
+
+    # -- internals ----------------------------------------------------------------------------------
+    def _baseline(self, device: str, model_id: str) -> _Baseline:
+        base = self._devices.get(device)
+        if base is None or (base.model_id is not None and base.model_id != model_id):
+            if base is not None:
+                log.warning(
+                    "threshold baseline of %s was learnt on model %s; starting over for model %s",
+                    device,
+                    base.model_id,
+                    model_id,
+                )
+            base = _Baseline(ring=np.zeros(self.config.history), model_id=model_id, dirty=True)
+            self._devices[device] = base
+        elif base.model_id is None:
+            base.model_id = model_id
+        return base
+
+    def _threshold(self, base: _Baseline) -> float:
+        if base.cached is None:
+            if base.relearn:
+                base.cached = self.ceiling
+            elif base.count < self.config.min_history:
+                base.cached = self.start
+            else:
+                q = float(np.quantile(base.ring[: base.count], self.config.quantile))
+                base.cached = min(max(self.config.margin * q, self.floor), self.ceiling)
+        return base.cached
+
+    def _restore(self) -> None:
+        assert self.db is not None
+        rows = self.db.execute(
+            "SELECT key, value_json FROM state WHERE key LIKE ?", [f"{_KEY_PREFIX}%"]
+        ).fetchall()
+        for key, value_json in rows:
+            device = key[len(_KEY_PREFIX) :]
+            try:
+                state = json.loads(value_json)
+                scores = np.asarray(state["scores"], dtype=np.float64)[-self.config.history :]
+            except (ValueError, KeyError, TypeError) as exc:
+                log.error("ignoring unreadable threshold state for %s: %s", device, exc)
+                continue
+            base = _Baseline(ring=np.zeros(self.config.history), model_id=state.get("model_id"))
+            base.ring[: len(scores)] = scores
+            base.count = len(scores)
+            base.pos = base.count % self.config.history
+            base.relearn = bool(state.get("relearn", False))
+            self._devices[device] = base
+
+
+class FixedThreshold:
+    """The calibration start value, forever: a baseline to compare against, and a safe fallback."""
+
+    def __init__(
+        self,
+        config: ThresholdConfig,
+        calibration: dict[str, float],
+        db: sqlite_utils.Database | None = None,
+    ) -> None:
+        self.config = config
+        self.start, self.floor, self.ceiling = _bounds(config, calibration)
+
+    def classify(self, score: Score) -> Judgement:
+        _check_score(score)
+        metrics.THRESHOLD.labels(score.device).set(self.start)
+        return Judgement(score=score, threshold=self.start, anomalous=score.error > self.start)
+
+    def learn_one(self, judgement: Judgement) -> None:
+        """Nothing to learn: the threshold does not move."""
+
+    def threshold(self, device: str) -> float:
+        return self.start
+
+    def save(self) -> None:
+        """Nothing to save: the threshold is a function of the bundle."""
+
+    def reset(self, device: str) -> None:
+        """Nothing to reset."""
+
+
+def make_thresholder(
+    config: ThresholdConfig, calibration: dict[str, float], db: sqlite_utils.Database | None = None
+) -> Thresholder:
+    """The thresholder named by config.kind."""
+    cls = {"rolling_percentile": RollingPercentile, "fixed": FixedThreshold}[config.kind]
+    return cls(config, calibration, db)
