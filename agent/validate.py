@@ -123,8 +123,11 @@ class Validator:
     def _reject(self, reason: str, detail: str, reading: Reading) -> Reject:
         return self.note_reject(Reject(reason=reason, detail=detail, device=reading.device))
 
-    def check(self, reading: Reading, now: float) -> Reading | Reject:
-        """Accept (and remember) `reading`, or return why not. `now` is the gateway clock, epoch s."""
+    def check(self, reading: Reading, now: float | None) -> Reading | Reject:
+        """Accept (and remember) `reading`, or return why not.
+
+        `now` is the gateway clock (epoch s); None (replay of a recording) skips the `future` check.
+        """
         values = reading.values
         for ch in self._required:
             if ch not in values:
@@ -138,7 +141,7 @@ class Validator:
             r = self._ranges.get(ch)
             if r is not None and not r[0] <= x <= r[1]:
                 return self._reject("range", f"{ch} = {x} outside [{r[0]}, {r[1]}]", reading)
-        ahead = reading.ts - now
+        ahead = reading.ts - now if now is not None else 0.0
         if ahead > self.config.max_future_s:
             return self._reject("future", f"timestamp {ahead:.0f} s ahead of the gateway clock", reading)
         last = self._last.get(reading.device)

@@ -102,6 +102,12 @@ def test_duplicate_out_of_order_future() -> None:
     assert isinstance(v.check(rd(NOW + 299, 11), NOW), Reading)
 
 
+def test_replay_without_clock_skips_future_check() -> None:
+    v = Validator()
+    assert isinstance(v.check(rd(NOW + 10_000, 1), None), Reading)
+    assert v.check(rd(NOW + 10_000, 1), None).reason == "duplicate"  # type: ignore[union-attr]
+
+
 def test_devices_are_independent() -> None:
     v = Validator()
     assert isinstance(v.check(rd(NOW, 5, device="a"), NOW), Reading)
