@@ -1,0 +1,168 @@
+"""`edgewatch sim ...` subcommands: record a CSV, stream over serial (pty or port) or MQTT.
+
+Arguments are validated into `SimConfig` (pydantic) so a bad value fails with a clear message before
+anything starts. Streaming modules are imported lazily: `record` needs neither pyserial nor paho.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from datetime import UTC, datetime
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from firmware_sim.scenario import BUILDERS, DESCRIPTIONS, build_scenario
+
+DAY = 86400.0
+
+
+class SimConfig(BaseModel):
+    """Settings shared by every simulator output."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    seed: int = Field(0, description="random seed: same seed and arguments give the same numbers")
+    devices: int = Field(1, ge=1, le=99, description="number of pumps, named pump-01, pump-02, ...")
+    scenario: str = Field("normal", description="fault schedule; see `edgewatch sim scenarios`")
+    rate: float = Field(1.0, gt=0, le=1000, description="samples per second per device")
+    fault_after: float | None = Field(
+        None, ge=0, description="sim seconds until the (first) fault starts; default scales with the horizon"
+    )
+    degradation: float | None = Field(
+        None, gt=0, description="sim seconds of the degrading phase before failure (sensor faults: duration)"
+    )
+    duration: float | None = Field(None, gt=0, description="sim seconds to produce; None streams forever")
+    start_ms: int = Field(description="device clock of the first reading, ms since the Unix epoch (UTC)")
+
+
+def parse_iso(text: str) -> int:
+    """ISO 8601 to epoch ms; a time without zone is taken as UTC."""
+    try:
+        dt = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"not an ISO 8601 time: {text!r}") from e
+    if dt.tzinfo is None:
+        dt = dt.replace(tzinfo=UTC)
+    return round(dt.timestamp() * 1000)
+
+
+def _common(p: argparse.ArgumentParser, default_devices: int = 1) -> None:
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--devices", type=int, default=default_devices, help="number of pumps (pump-01, ...)")
+    p.add_argument(
+        "--scenario", default="normal", choices=sorted(BUILDERS), metavar="NAME", help="fault schedule"
+    )
+    p.add_argument("--rate", type=float, default=1.0, help="samples per second per device (default 1)")
+    p.add_argument("--fault-after", type=float, default=None, metavar="S", help="sim seconds until the fault")
+    p.add_argument(
+        "--degradation",
+        type=float,
+        default=None,
+        metavar="S",
+        help="sim seconds of degradation before failure",
+    )
+    p.add_argument("--duration", type=float, default=None, metavar="S", help="sim seconds to produce")
+    p.add_argument(
+        "--start", type=parse_iso, default=None, metavar="ISO", help="device clock of the first reading"
+    )
+
+
+def _stream_common(p: argparse.ArgumentParser) -> None:
+    _common(p)
+    p.add_argument(
+        "--speed", type=float, default=1.0, help="sim seconds per wall second (default 1 = real time)"
+    )
+
+
+def _config(args: argparse.Namespace, start_ms: int, duration: float | None) -> SimConfig:
+    try:
+        return SimConfig(
+            seed=args.seed,
+            devices=args.devices,
+            scenario=args.scenario,
+            rate=args.rate,
+            fault_after=args.fault_after,
+            degradation=args.degradation,
+            duration=duration,
+            start_ms=start_ms,
+        )
+    except ValidationError as e:
+        raise SystemExit(f"edgewatch sim: invalid arguments:\n{e}") from None
+
+
+def _scenario(cfg: SimConfig):
+    horizon = cfg.duration if cfg.duration is not None else DAY
+    return build_scenario(cfg.scenario, cfg.devices, horizon, cfg.fault_after, cfg.degradation, cfg.seed)
+
+
+def stream_start_ms(args: argparse.Namespace) -> int:
+    """Speed 1: now. Faster: now - 24 h, so a catch-up feed stays in the past for a while."""
+    if args.start is not None:
+        return args.start
+    now = int(time.time() * 1000)
+    return now if args.speed <= 1.0 else now - int(DAY * 1000)
+
+
+def _run_record(args: argparse.Namespace) -> int:
+    from firmware_sim.record import DEFAULT_START, record
+
+    duration = args.duration if args.duration is not None else args.hours * 3600.0
+    start = args.start if args.start is not None else int(DEFAULT_START.timestamp() * 1000)
+    cfg = _config(args, start, duration)
+    t0 = time.perf_counter()
+    rows = record(args.out, cfg.seed, cfg.devices, _scenario(cfg), cfg.start_ms, duration, cfg.rate)
+    print(f"wrote {rows} rows to {args.out} in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+    return 0
+
+
+def _run_scenarios(args: argparse.Namespace) -> int:
+    width = max(map(len, DESCRIPTIONS))
+    for name in BUILDERS:
+        print(f"{name:<{width}}  {DESCRIPTIONS[name]}")
+    return 0
+
+
+def _run_serial(args: argparse.Namespace) -> int:
+    from firmware_sim.stream import run_serial
+
+    cfg = _config(args, stream_start_ms(args), args.duration)
+    return run_serial(cfg, _scenario(cfg), speed=args.speed, port=args.port, pty=args.pty)
+
+
+def _run_mqtt(args: argparse.Namespace) -> int:
+    from firmware_sim.stream import run_mqtt
+
+    cfg = _config(args, stream_start_ms(args), args.duration)
+    return run_mqtt(
+        cfg, _scenario(cfg), speed=args.speed, broker=args.broker, prefix=args.prefix, qos=args.qos
+    )
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the simulator subcommands to the `sim` parser."""
+    sub = parser.add_subparsers(dest="sim_command", required=True, metavar="SUBCOMMAND")
+
+    r = sub.add_parser("record", help="write a labelled CSV recording (fast, deterministic)")
+    r.add_argument("--out", required=True, help="CSV file to write")
+    r.add_argument("--hours", type=float, default=24.0, help="sim hours to record (default 24)")
+    _common(r, default_devices=3)
+    r.set_defaults(handler=_run_record)
+
+    s = sub.add_parser("serial", help="stream protocol lines to a serial port or a new pty")
+    where = s.add_mutually_exclusive_group(required=True)
+    where.add_argument("--pty", action="store_true", help="create a pty; first stdout line names its device")
+    where.add_argument("--port", metavar="DEV", help="serial device to write to (115200 8N1)")
+    _stream_common(s)
+    s.set_defaults(handler=_run_serial)
+
+    m = sub.add_parser("mqtt", help="publish telemetry JSON to an MQTT broker")
+    m.add_argument("--broker", required=True, metavar="HOST:PORT", help="MQTT broker address")
+    m.add_argument("--prefix", default="edgewatch/sensors", help="topic prefix (default edgewatch/sensors)")
+    m.add_argument("--qos", type=int, choices=(0, 1), default=1, help="MQTT QoS (default 1)")
+    _stream_common(m)
+    m.set_defaults(handler=_run_mqtt)
+
+    c = sub.add_parser("scenarios", help="list scenarios with a one-line description")
+    c.set_defaults(handler=_run_scenarios)
