@@ -2,26 +2,45 @@
 
 Stages hand `Event`s to `Uplink.enqueue`; they are written to the `outbox` table first and deleted only
 when the broker acknowledged them (PUBACK), so a broker outage, a network cut or an agent restart loses
-nothing that fits inside the caps. Delivery is at-least-once: consumers drop duplicates by `msg_id`.
+nothing that fits inside the caps. Delivery is at-least-once: after a reconnect or a restart every
+unacknowledged message is sent again, so consumers drop duplicates by `msg_id` (docs/mqtt.md).
+
+Threads: `enqueue` / `publish_status` run in the caller's thread and only touch the outbox (its own
+SQLite connection behind a lock) or hand a status body over; one uplink thread owns the paho client,
+drives its network loop, publishes and deletes acknowledged rows. Each connection uses a fresh client,
+so the last will carries the figures of that connect and paho's in-memory session never competes with
+the outbox as the source of truth.
 """
 
 from __future__ import annotations
 
-from typing import Literal
+import contextlib
+import json
+import logging
+import math
+import random
+import sqlite3
+import sys
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, Protocol, TextIO
 
+import numpy as np
+import paho.mqtt.client as mqtt
 from pydantic import BaseModel, ConfigDict, Field
 
-try:  # the shared connection settings (agent/mqtt_client.py) land separately
-    from agent.mqtt_client import MqttConnectionConfig
-except ImportError:  # pragma: no cover - temporary stand-in with the same core fields
+from agent import __version__, metrics
+from agent.db import open_db
+from agent.mqtt_client import MqttConnectionConfig, SecretError, Will, make_client
+from agent.types import Event
 
-    class MqttConnectionConfig(BaseModel):  # type: ignore[no-redef]
-        """Stand-in until agent/mqtt_client.py exists: broker address only."""
+log = logging.getLogger(__name__)
 
-        model_config = ConfigDict(extra="forbid")
-        host: str = Field("127.0.0.1", description="MQTT broker host name or address")
-        port: int = Field(1883, ge=1, le=65535, description="MQTT broker TCP port")
-        keepalive: int = Field(30, ge=5, description="MQTT keepalive interval in seconds")
+DROPPED_COUNTER = "outbox_dropped"  # row name in `counters`: total drops, persisted across restarts
+TOPIC_KINDS = ("alert", "health", "status", "drift")
 
 
 class UplinkConfig(BaseModel):
@@ -33,13 +52,17 @@ class UplinkConfig(BaseModel):
         True, description="Send events upstream over MQTT; false keeps only the console sink"
     )
     mqtt: MqttConnectionConfig = Field(
-        default_factory=MqttConnectionConfig, description="Upstream broker connection (address, auth, TLS)"
+        default_factory=MqttConnectionConfig,
+        description="Upstream broker connection (address, auth, TLS, reconnect_min_s/reconnect_max_s backoff)",
     )
     client_id: str | None = Field(
         None, description="MQTT client id; default 'edgewatch-<gateway id>' so it is stable across restarts"
     )
     topic_prefix: str = Field(
-        "edgewatch", min_length=1, description="First topic level: <prefix>/<gateway>/<device>/<kind>"
+        "edgewatch",
+        min_length=1,
+        pattern=r"^[^#+\x00]+$",
+        description="First topic level(s): <prefix>/<gateway>/<device>/<kind>; no MQTT wildcards",
     )
     qos: Literal[1] = Field(1, description="MQTT QoS for every message; 1 = at least once (PUBACK deletes)")
     max_inflight: int = Field(
@@ -58,11 +81,662 @@ class UplinkConfig(BaseModel):
         "drop_oldest",
         description="When a cap is reached: delete the oldest messages to make room, or refuse the new one",
     )
-    reconnect_min_s: float = Field(1.0, gt=0, description="First reconnect delay after a lost connection")
-    reconnect_max_s: float = Field(60.0, gt=0, description="Upper bound of the exponential reconnect delay")
     reconnect_jitter: float = Field(
-        0.2, ge=0, le=1, description="Random +- fraction added to each reconnect delay so gateways spread out"
+        0.2,
+        ge=0,
+        le=1,
+        description="Random +- fraction applied to each reconnect delay (mqtt.reconnect_min_s doubling up "
+        "to mqtt.reconnect_max_s) so a fleet of gateways does not reconnect in lockstep",
+    )
+    shutdown_flush_s: float = Field(
+        5.0, ge=0, description="At shutdown, wait this long for the outbox to drain before disconnecting"
     )
     console: bool = Field(
         False, description="Also print every event as one compact JSON line on stdout (demo)"
     )
+
+
+# -- payload encoding -------------------------------------------------------------------------------
+
+
+def _json_safe(value: Any) -> Any:
+    """Plain JSON types only: numpy scalars/arrays unwrapped, NaN and +-inf become null (JSON has no NaN)."""
+    if isinstance(value, float | np.floating):
+        f = float(value)
+        return f if math.isfinite(f) else None
+    if isinstance(value, np.integer | np.bool_):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return _json_safe(value.tolist())
+    if isinstance(value, Mapping):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+def encode_payload(payload: Mapping[str, Any]) -> bytes:
+    """Compact UTF-8 JSON. Non-finite floats are sent as null; anything not JSON-able raises TypeError."""
+    return json.dumps(
+        _json_safe(payload), separators=(",", ":"), allow_nan=False, ensure_ascii=False
+    ).encode()
+
+
+def topic_level(name: str) -> str:
+    """`name` made safe as one topic level: '/', '+', '#' and NUL become '_' (a device may be '/dev/ttyS0')."""
+    safe = name.translate({ord("/"): "_", ord("+"): "_", ord("#"): "_", 0: "_"})
+    return safe or "_"
+
+
+class ConsoleSink:
+    """Prints each event's payload as one compact JSON line, the same bytes the broker would get (demo)."""
+
+    def __init__(self, stream: TextIO | None = None) -> None:
+        self.stream = stream
+
+    def __call__(self, event: Event) -> None:
+        stream = self.stream or sys.stdout
+        stream.write(encode_payload(event.payload).decode() + "\n")
+        stream.flush()
+
+
+# -- outbox -----------------------------------------------------------------------------------------
+
+
+class OutboxCaps(Protocol):
+    max_rows: int
+    max_bytes: int
+    max_age_s: float
+    drop_policy: str
+
+
+@dataclass(frozen=True, slots=True)
+class Caps:
+    """Outbox limits when no UplinkConfig is at hand (tests, tools)."""
+
+    max_rows: int = 100_000
+    max_bytes: int = 64 * 1024 * 1024
+    max_age_s: float = 7 * 24 * 3600.0
+    drop_policy: str = "drop_oldest"
+
+
+@dataclass(frozen=True, slots=True)
+class OutboxMessage:
+    """One message ready for the wire."""
+
+    msg_id: str
+    topic: str
+    payload: bytes
+    device: str | None = None
+    retain: bool = False
+    qos: int = 1
+
+
+@dataclass(frozen=True, slots=True)
+class OutboxRow:
+    id: int
+    msg_id: str
+    device: str | None
+    topic: str
+    payload: bytes
+    qos: int
+    retain: bool
+    created: float
+    attempts: int
+
+
+class Outbox:
+    """Durable FIFO of messages waiting for a broker acknowledgement, with caps and a drop policy.
+
+    Use one Outbox per database file: it keeps the row and byte totals in memory (computed at open) so a
+    put into a full outbox does not scan the table. All methods are thread-safe (one connection, a lock).
+    """
+
+    def __init__(
+        self, db_path: str | Path, caps: OutboxCaps | None = None, synchronous: str = "NORMAL"
+    ) -> None:
+        self.caps: OutboxCaps = caps or Caps()
+        if self.caps.drop_policy not in ("drop_oldest", "reject_new"):
+            raise ValueError(
+                f"drop_policy must be 'drop_oldest' or 'reject_new', not {self.caps.drop_policy!r}"
+            )
+        self._db = open_db(db_path, synchronous=synchronous)
+        self._conn = self._db.conn
+        self._lock = threading.RLock()
+        rows, size = self._conn.execute(
+            "SELECT COUNT(*), COALESCE(SUM(LENGTH(payload)), 0) FROM outbox"
+        ).fetchone()
+        self._rows, self._bytes = int(rows), int(size)
+        metrics.OUTBOX_DEPTH.set(self._rows)
+
+    def close(self) -> None:
+        with self._lock:
+            self._conn.close()
+
+    # A transaction that rolls back on any error, so caps, rows and counters change together or not at all.
+    def _write(self, fn: Callable[[], Any]) -> Any:
+        with self._lock:
+            self._conn.execute("BEGIN IMMEDIATE")
+            try:
+                result = fn()
+                self._conn.execute("COMMIT")
+            except BaseException:
+                self._conn.execute("ROLLBACK")
+                raise
+            return result
+
+    def _count_drops(self, reason: str, n: int) -> None:
+        """Inside a transaction: add `n` drops to the persisted total (the metric is bumped after commit)."""
+        self._conn.execute(
+            "INSERT INTO counters (name, value) VALUES (?, ?) "
+            "ON CONFLICT(name) DO UPDATE SET value = value + excluded.value",
+            (DROPPED_COUNTER, n),
+        )
+
+    def put(self, msg: OutboxMessage, now: float | None = None) -> bool:
+        """Store `msg`; True if it is in the outbox afterwards (a msg_id already there is a no-op, True).
+
+        False when it was dropped: bigger than max_bytes on its own ('too_large'), or the outbox is full
+        under reject_new ('rejected'). Under drop_oldest the oldest rows are deleted ('evicted') instead.
+        """
+        now = time.time() if now is None else now
+        size = len(msg.payload)
+        drops: list[tuple[str, int]] = []
+
+        def txn() -> bool:
+            exists = self._conn.execute("SELECT 1 FROM outbox WHERE msg_id = ?", (msg.msg_id,)).fetchone()
+            if exists:
+                return True
+            if size > self.caps.max_bytes:
+                drops.append(("too_large", 1))
+            elif self._rows + 1 > self.caps.max_rows or self._bytes + size > self.caps.max_bytes:
+                if self.caps.drop_policy == "reject_new":
+                    drops.append(("rejected", 1))
+                else:
+                    self._evict(
+                        need_rows=self._rows + 1 - self.caps.max_rows,
+                        need_bytes=self._bytes + size - self.caps.max_bytes,
+                        drops=drops,
+                    )
+            if drops and drops[-1][0] != "evicted":
+                self._count_drops(drops[-1][0], 1)
+                return False
+            self._conn.execute(
+                "INSERT INTO outbox (msg_id, device, topic, payload, qos, retain, created) VALUES (?,?,?,?,?,?,?)",
+                (msg.msg_id, msg.device, msg.topic, msg.payload, msg.qos, int(msg.retain), now),
+            )
+            self._rows += 1
+            self._bytes += size
+            return True
+
+        rows_before, bytes_before = self._rows, self._bytes
+        try:
+            stored = self._write(txn)
+        except BaseException:
+            self._rows, self._bytes = rows_before, bytes_before
+            raise
+        for reason, n in drops:
+            metrics.OUTBOX_DROPPED.labels(reason).inc(n)
+        metrics.OUTBOX_DEPTH.set(self._rows)
+        return stored
+
+    def _evict(self, need_rows: int, need_bytes: int, drops: list[tuple[str, int]]) -> None:
+        """Inside put's transaction: delete the oldest rows until `need_rows` and `need_bytes` are freed."""
+        freed_rows = freed_bytes = 0
+        last_id = None
+        for row_id, length in self._conn.execute("SELECT id, LENGTH(payload) FROM outbox ORDER BY id"):
+            if freed_rows >= need_rows and freed_bytes >= need_bytes:
+                break
+            last_id = row_id
+            freed_rows += 1
+            freed_bytes += length
+        if last_id is None:
+            return
+        self._conn.execute("DELETE FROM outbox WHERE id <= ?", (last_id,))
+        self._rows -= freed_rows
+        self._bytes -= freed_bytes
+        self._count_drops("evicted", freed_rows)
+        drops.append(("evicted", freed_rows))
+
+    def peek(self, n: int, after_id: int = 0) -> list[OutboxRow]:
+        """Up to `n` rows with id > after_id in id order (insertion order, so per-device order holds)."""
+        with self._lock:
+            cur = self._conn.execute(
+                "SELECT id, msg_id, device, topic, payload, qos, retain, created, attempts FROM outbox "
+                "WHERE id > ? ORDER BY id LIMIT ?",
+                (after_id, n),
+            )
+            return [
+                OutboxRow(r[0], r[1], r[2], r[3], bytes(r[4]), r[5], bool(r[6]), r[7], r[8])
+                for r in cur.fetchall()
+            ]
+
+    def mark_sent(self, row_ids: list[int]) -> None:
+        """Count a publish attempt (attempts > 1 on a delivered row means the consumer may see a duplicate)."""
+        if not row_ids:
+            return
+        marks = ",".join("?" * len(row_ids))
+        self._write(
+            lambda: self._conn.execute(
+                f"UPDATE outbox SET attempts = attempts + 1 WHERE id IN ({marks})", row_ids
+            )
+        )
+
+    def ack(self, row_id: int) -> bool:
+        """Delete a row the broker acknowledged; False if it was already gone (evicted or expired)."""
+        return self.ack_many([row_id]) == 1
+
+    def ack_many(self, row_ids: list[int]) -> int:
+        """Delete acknowledged rows in one transaction (one commit per network read, not per message)."""
+        if not row_ids:
+            return 0
+        marks = ",".join("?" * len(row_ids))
+
+        def txn() -> tuple[int, int]:
+            n, size = self._conn.execute(
+                f"SELECT COUNT(*), COALESCE(SUM(LENGTH(payload)), 0) FROM outbox WHERE id IN ({marks})",
+                row_ids,
+            ).fetchone()
+            self._conn.execute(f"DELETE FROM outbox WHERE id IN ({marks})", row_ids)
+            return int(n), int(size)
+
+        with self._lock:
+            n, size = self._write(txn)
+            self._rows -= n
+            self._bytes -= size
+            metrics.OUTBOX_DEPTH.set(self._rows)
+        return n
+
+    def expire(self, now: float | None = None) -> int:
+        """Drop rows older than max_age_s (reason 'expired'); returns how many."""
+        now = time.time() if now is None else now
+        cutoff = now - self.caps.max_age_s
+
+        def txn() -> int:
+            n, size = self._conn.execute(
+                "SELECT COUNT(*), COALESCE(SUM(LENGTH(payload)), 0) FROM outbox WHERE created < ?", (cutoff,)
+            ).fetchone()
+            if n:
+                self._conn.execute("DELETE FROM outbox WHERE created < ?", (cutoff,))
+                self._count_drops("expired", n)
+                self._rows -= n
+                self._bytes -= size
+            return int(n)
+
+        n = self._write(txn)
+        if n:
+            metrics.OUTBOX_DROPPED.labels("expired").inc(n)
+            metrics.OUTBOX_DEPTH.set(self._rows)
+            log.warning("outbox: %d message(s) older than %.0f s dropped unsent", n, self.caps.max_age_s)
+        return n
+
+    def depth(self) -> int:
+        with self._lock:
+            return self._rows
+
+    def size_bytes(self) -> int:
+        with self._lock:
+            return self._bytes
+
+    def dropped(self) -> int:
+        """All drops ever (persisted in `counters`, so the figure survives restarts)."""
+        with self._lock:
+            row = self._conn.execute(
+                "SELECT value FROM counters WHERE name = ?", (DROPPED_COUNTER,)
+            ).fetchone()
+            return int(row[0]) if row else 0
+
+
+# -- uplink -----------------------------------------------------------------------------------------
+
+
+class Uplink:
+    """Drains the outbox to the broker: in order, at most max_inflight unacknowledged, deletes on PUBACK.
+
+    `status_provider` returns the body of the status message (version, model_id, uptime_s, outbox,
+    devices; missing keys get defaults). It is only called from the threads that call `start()` and
+    `publish_status()`; the uplink thread reuses the last body (with fresh outbox figures) for the
+    online status at each connect and for the last will.
+    """
+
+    def __init__(
+        self,
+        config: UplinkConfig,
+        outbox: Outbox,
+        gateway_id: str,
+        status_provider: Callable[[], Mapping[str, Any]] | None = None,
+    ) -> None:
+        if not gateway_id:
+            raise ValueError("gateway_id must not be empty")
+        self.config = config
+        self.outbox = outbox
+        self.gateway_id = gateway_id
+        self.status_provider = status_provider
+        self.client_id = config.client_id or f"edgewatch-{gateway_id}"
+        prefix = config.topic_prefix.rstrip("/")
+        self._base = f"{prefix}/{topic_level(gateway_id)}"
+        self.status_topic = f"{self._base}/status"
+        self._started = time.time()
+
+        self._lock = threading.Lock()
+        self._status_body: dict[str, Any] = {}
+        self._status_body_at = self._started
+        self._status_pending: bytes | None = None  # newest status waiting for the uplink thread
+        self._wake = threading.Event()
+        self._stopping = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._connected = threading.Event()
+        self._offline_sent = threading.Event()
+
+        # Owned by the uplink thread.
+        self._client: mqtt.Client | None = None
+        self._inflight: dict[int, int] = {}  # paho mid -> outbox row id
+        self._acked: list[int] = []  # row ids acknowledged during the current network read
+        self._status_mids: set[int] = set()
+        self._cursor = 0  # highest row id published on this connection
+        self._caught_up = False  # the last peek found nothing more to send
+        self._lost = False
+        self._fail_streak = 0
+        self._last_fail_log = 0.0
+        self._next_expire = 0.0
+
+    # -- topics and payloads --------------------------------------------------------------------
+    def topic_for(self, event: Event) -> str:
+        if event.topic_kind not in TOPIC_KINDS:
+            raise ValueError(
+                f"unknown topic_kind {event.topic_kind!r} (expected one of {', '.join(TOPIC_KINDS)})"
+            )
+        if event.topic_kind == "status":
+            return self.status_topic
+        if not event.device:
+            raise ValueError(f"a {event.topic_kind} event needs a device for its topic")
+        return f"{self._base}/{topic_level(event.device)}/{event.topic_kind}"
+
+    def enqueue(self, event: Event) -> bool:
+        """Persist an event for delivery; False if the outbox dropped it (caps) or could not store it.
+
+        Raises ValueError for an event that can never be sent (unknown kind, no device, no msg_id), so
+        the bug shows at its source. A status event is not queued: it replaces the pending status.
+        """
+        topic = self.topic_for(event)
+        msg_id = event.payload.get("msg_id")
+        if not isinstance(msg_id, str) or not msg_id:
+            raise ValueError(
+                f"{event.topic_kind} event for {event.device!r} has no msg_id: {event.payload!r}"
+            )
+        payload = encode_payload(event.payload)
+        if event.topic_kind == "status":
+            self._hand_over_status(payload)
+            return True
+        try:
+            stored = self.outbox.put(OutboxMessage(msg_id, topic, payload, device=event.device))
+        except sqlite3.Error as exc:
+            metrics.DB_ERRORS.labels("outbox").inc()
+            log.error("outbox: could not store %s %s: %s", event.topic_kind, msg_id, exc)
+            return False
+        if stored:
+            self._wake.set()
+        return stored
+
+    def _refresh_status_body(self) -> None:
+        if self.status_provider is None:
+            return
+        try:
+            body = dict(self.status_provider())
+        except Exception:
+            log.exception("status provider failed; the status message uses the previous body")
+            return
+        with self._lock:
+            self._status_body, self._status_body_at = body, time.time()
+
+    def status_payload(self, state: str, now: float | None = None) -> dict[str, Any]:
+        """The status message per docs/mqtt.md, from the last provider body plus live outbox figures."""
+        now = time.time() if now is None else now
+        with self._lock:
+            body, body_at = dict(self._status_body), self._status_body_at
+        uptime = body.get("uptime_s")
+        uptime = (
+            (float(uptime) + (now - body_at)) if isinstance(uptime, int | float) else (now - self._started)
+        )
+        return {
+            "v": 1,
+            "type": "status",
+            "msg_id": f"status:{self.gateway_id}:{int(now * 1000)}",
+            "gateway": self.gateway_id,
+            "state": state,
+            "ts": now,
+            "version": str(body.get("version", __version__)),
+            "model_id": body.get("model_id"),
+            "uptime_s": round(max(uptime, 0.0), 3),
+            "outbox": {"depth": self.outbox.depth(), "dropped": self.outbox.dropped()},
+            "devices": sorted(str(d) for d in body.get("devices", [])),
+        }
+
+    def publish_status(self) -> None:
+        """Heartbeat: send a fresh retained online status. Never blocks; while offline the next connect
+        sends its own fresh status instead (a stale status is worthless)."""
+        self._refresh_status_body()
+        self._hand_over_status(encode_payload(self.status_payload("online")))
+
+    def _hand_over_status(self, payload: bytes) -> None:
+        with self._lock:
+            self._status_pending = payload
+        self._wake.set()
+
+    # -- lifecycle ------------------------------------------------------------------------------
+    @property
+    def connected(self) -> bool:
+        return self._connected.is_set()
+
+    def start(self) -> None:
+        if self._thread is not None:
+            raise RuntimeError("uplink already started")
+        self._refresh_status_body()
+        self._stopping.clear()
+        self._thread = threading.Thread(target=self._run, name="edgewatch-uplink", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Publish a retained offline status (waits up to `timeout` for its PUBACK), then disconnect.
+
+        Unacknowledged outbox rows stay in the outbox and are sent again by the next start."""
+        if self._thread is None:
+            return
+        self._stop_timeout = timeout
+        self._stopping.set()
+        self._wake.set()
+        self._thread.join(timeout + 2.0)
+        if self._thread.is_alive():
+            log.warning("uplink thread did not stop within %.1f s", timeout + 2.0)
+        self._thread = None
+
+    def flush(self, timeout: float) -> bool:
+        """Wait until the outbox is empty (everything acknowledged); False on timeout."""
+        deadline = time.monotonic() + timeout
+        while self.outbox.depth() > 0:
+            if time.monotonic() >= deadline:
+                return False
+            self._wake.set()
+            time.sleep(0.01)
+        return True
+
+    # -- the uplink thread ----------------------------------------------------------------------
+    def _run(self) -> None:
+        while not self._stopping.is_set():
+            try:
+                self._session()
+            except Exception:
+                log.exception("uplink: unexpected error; reconnecting")
+            finally:
+                self._commit_acks()
+                self._drop_client()
+            if self._stopping.is_set():
+                break
+            self._fail_streak += 1
+            self._stopping.wait(self._backoff(self._fail_streak))
+
+    def _backoff(self, streak: int) -> float:
+        conn = self.config.mqtt
+        base = min(conn.reconnect_max_s, conn.reconnect_min_s * 2 ** min(streak - 1, 30))
+        j = self.config.reconnect_jitter
+        return max(0.0, base * (1 + random.uniform(-j, j)))
+
+    def _log_failure(self, what: str) -> None:
+        now = time.monotonic()
+        if self._fail_streak == 0 or now - self._last_fail_log > 300:
+            log.warning("uplink: %s (outbox depth %d); retrying with backoff", what, self.outbox.depth())
+            self._last_fail_log = now
+        else:
+            log.debug("uplink: %s", what)
+
+    def _session(self) -> None:
+        """One connection: connect, publish until it drops or we stop."""
+        self._maybe_expire()
+        will = Will(self.status_topic, encode_payload(self.status_payload("offline")), qos=1, retain=True)
+        try:
+            client = make_client(self.config.mqtt, self.client_id, clean_start=True, will=will)
+        except SecretError as exc:
+            self._log_failure(f"cannot build the MQTT client: {exc}")
+            return
+        # paho's own window (20) is fixed once connect_async ran; beyond it paho queues, so the flow
+        # stays in order and our max_inflight is what bounds unacknowledged messages.
+        client.on_connect = self._on_connect
+        client.on_disconnect = self._on_disconnect
+        client.on_publish = self._on_publish
+        self._client, self._inflight, self._status_mids = client, {}, set()
+        self._cursor, self._lost, self._caught_up = 0, False, False
+        conn = self.config.mqtt
+        try:
+            client.reconnect()  # connect_async (in make_client) stored the address; this opens the socket
+        except (OSError, ValueError) as exc:
+            self._log_failure(f"cannot connect to {conn.host}:{conn.effective_port}: {exc}")
+            return
+        while not self._lost:
+            if self._stopping.is_set():
+                self._goodbye(client)
+                return
+            rc = client.loop(timeout=0.05)
+            self._commit_acks()
+            if rc != mqtt.MQTT_ERR_SUCCESS:
+                self._lost = True
+                break
+            if self._connected.is_set():
+                self._send_status(client)
+                woke = self._wake.is_set()
+                self._wake.clear()
+                if woke or not self._caught_up:
+                    self._pump(client)
+                self._maybe_expire()
+        self._log_failure(f"connection to {conn.host}:{conn.effective_port} lost")
+
+    def _drop_client(self) -> None:
+        sock = self._client.socket() if self._client is not None else None
+        if sock is not None:  # no DISCONNECT here: after an error the broker should publish the will
+            with contextlib.suppress(OSError):
+                sock.close()
+        self._client = None
+        self._inflight = {}
+        self._connected.clear()
+        metrics.UPLINK_CONNECTED.set(0)
+
+    def _maybe_expire(self) -> None:
+        now = time.monotonic()
+        if now >= self._next_expire:
+            self._next_expire = now + 60.0
+            try:
+                self.outbox.expire(time.time())
+            except sqlite3.Error as exc:
+                metrics.DB_ERRORS.labels("outbox").inc()
+                log.error("outbox: expire failed: %s", exc)
+
+    def _on_connect(
+        self, client: mqtt.Client, userdata: Any, flags: Any, reason_code: Any, props: Any
+    ) -> None:
+        if reason_code.is_failure:
+            self._log_failure(f"broker refused the connection: {reason_code}")
+            self._lost = True
+            return
+        log.info(
+            "uplink: connected to %s:%d as %s",
+            self.config.mqtt.host,
+            self.config.mqtt.effective_port,
+            self.client_id,
+        )
+        self._fail_streak = 0
+        self._connected.set()
+        metrics.UPLINK_CONNECTED.set(1)
+        # A fresh online status on every connect replaces the retained offline (will) message.
+        self._hand_over_status(encode_payload(self.status_payload("online")))
+
+    def _on_disconnect(
+        self, client: mqtt.Client, userdata: Any, flags: Any, reason_code: Any, props: Any
+    ) -> None:
+        self._lost = True
+        self._connected.clear()
+        metrics.UPLINK_CONNECTED.set(0)
+
+    def _on_publish(self, client: mqtt.Client, userdata: Any, mid: int, reason_code: Any, props: Any) -> None:
+        row_id = self._inflight.pop(mid, None)
+        if row_id is None:
+            self._status_mids.discard(mid)
+            return
+        if getattr(reason_code, "is_failure", False):  # MQTT 5 broker said no: keep the row, resend later
+            log.warning("uplink: broker rejected row %d: %s", row_id, reason_code)
+            return
+        self._acked.append(row_id)  # deleted in one transaction after this network read (_commit_acks)
+
+    def _commit_acks(self) -> None:
+        acked, self._acked = self._acked, []
+        if not acked:
+            return
+        try:
+            self.outbox.ack_many(acked)
+        except sqlite3.Error as exc:  # the rows stay; they are resent after the next reconnect (duplicates)
+            metrics.DB_ERRORS.labels("outbox").inc()
+            log.error("outbox: could not delete %d acknowledged row(s): %s", len(acked), exc)
+            return
+        metrics.UPLINK_PUBLISHED.inc(len(acked))
+
+    def _send_status(self, client: mqtt.Client) -> None:
+        with self._lock:
+            payload, self._status_pending = self._status_pending, None
+        if payload is not None:
+            info = client.publish(self.status_topic, payload, qos=1, retain=True)
+            if info.rc == mqtt.MQTT_ERR_SUCCESS:
+                self._status_mids.add(info.mid)
+
+    def _pump(self, client: mqtt.Client) -> None:
+        room = self.config.max_inflight - len(self._inflight)
+        if room <= 0:
+            return
+        rows = self.outbox.peek(room, after_id=self._cursor)
+        self._caught_up = len(rows) < room
+        sent: list[int] = []
+        for row in rows:
+            info = client.publish(row.topic, row.payload, qos=row.qos, retain=row.retain)
+            if info.rc != mqtt.MQTT_ERR_SUCCESS:
+                break
+            self._inflight[info.mid] = row.id
+            self._cursor = row.id
+            sent.append(row.id)
+        self.outbox.mark_sent(sent)
+
+    def _goodbye(self, client: mqtt.Client) -> None:
+        """Clean shutdown: retained offline status (best effort, bounded wait), then DISCONNECT."""
+        timeout = getattr(self, "_stop_timeout", 5.0)
+        if self._connected.is_set():
+            info = client.publish(
+                self.status_topic, encode_payload(self.status_payload("offline")), qos=1, retain=True
+            )
+            deadline = time.monotonic() + timeout
+            while (
+                info.rc == mqtt.MQTT_ERR_SUCCESS and not info.is_published() and time.monotonic() < deadline
+            ):
+                if client.loop(timeout=0.05) != mqtt.MQTT_ERR_SUCCESS:
+                    break
+            if info.is_published():
+                self._offline_sent.set()
+        client.disconnect()
+        for _ in range(5):  # let paho write the DISCONNECT packet
+            if client.loop(timeout=0.01) != mqtt.MQTT_ERR_SUCCESS:
+                break
