@@ -10,6 +10,7 @@ import hashlib
 import json
 import logging
 import math
+import sqlite3
 import time
 from collections import deque
 from dataclasses import asdict, dataclass, field
@@ -104,6 +105,21 @@ class _Device:
     dirty: bool = False
 
 
+def _plain(j: Judgement) -> Judgement:
+    """The same judgement in plain Python numbers (the scorer may hand numpy scalars), so payloads and
+    persisted state serialise as JSON."""
+    s = j.score
+    score = Score(
+        device=s.device,
+        start_ts=float(s.start_ts),
+        end_ts=float(s.end_ts),
+        error=float(s.error),
+        channel_errors={str(k): float(v) for k, v in s.channel_errors.items()},
+        model_id=str(s.model_id),
+    )
+    return Judgement(score=score, threshold=float(j.threshold), anomalous=bool(j.anomalous))
+
+
 class AlertManager:
     """Turns one device's stream of judgements into alert open / update / resolve events.
 
@@ -129,13 +145,14 @@ class AlertManager:
             raise ValueError(f"channel_norm values must be positive and finite, got {bad}")
         self._devices: dict[str, _Device] = {}
         self._warned_norm: set[str] = set()
-        self._pending_row: dict | None = None  # alerts-table row of the event being emitted
+        self._pending_rows: dict[str, dict] = {}  # alerts-table rows not yet written
         self._last_persist = time.monotonic()
         if db is not None:
             self._restore()
 
     # -- pipeline API -------------------------------------------------------------------------------
     def update(self, judgement: Judgement) -> list[Event]:
+        judgement = _plain(judgement)
         score = judgement.score
         dev = self._device(score.device)
         ratio = score.error / judgement.threshold if judgement.threshold > 0 else math.inf
@@ -150,10 +167,13 @@ class AlertManager:
                     events.append(self._open(dev, judgement))
         else:
             events.extend(self._continue(dev, judgement, ratio))
-        if events:
-            self._persist(score.device, dev)
-        elif self.db is not None and time.monotonic() - self._last_persist >= self.config.persist_every_s:
-            self.save()
+        if events or time.monotonic() - self._last_persist >= self.config.persist_every_s:
+            try:
+                self.save()
+            except sqlite3.Error as exc:
+                # the events still go out and the state stays in memory (dirty), so the next save retries
+                metrics.DB_ERRORS.labels("alert_state").inc()
+                log.error("could not persist alert state (will retry): %s", exc)
         return events
 
     def open_alert(self, device: str) -> dict | None:
@@ -164,15 +184,27 @@ class AlertManager:
         return {"alert_id": dev.alert.alert_id, "opened_ts": dev.alert.opened_ts, "n": dev.alert.n}
 
     def save(self) -> None:
-        """Persist every device whose counters changed since the last write."""
+        """Write pending alert rows and changed device states in one transaction, so they never disagree.
+
+        Called after every emitted event, at most every persist_every_s otherwise, and on shutdown.
+        """
         self._last_persist = time.monotonic()
-        if self.db is None:
-            return
         dirty = [(d, s) for d, s in self._devices.items() if s.dirty]
-        if dirty:
-            with self.db.atomic():
-                for device, dev in dirty:
-                    self._write_state(device, dev)
+        if self.db is None:
+            self._pending_rows.clear()
+            for _, dev in dirty:
+                dev.dirty = False
+            return
+        if not dirty and not self._pending_rows:
+            return
+        with self.db.atomic():
+            for row in self._pending_rows.values():
+                self.db["alerts"].upsert(row, pk="alert_id")
+            for device, dev in dirty:
+                self._write_state(device, dev)
+        self._pending_rows.clear()
+        for _, dev in dirty:
+            dev.dirty = False
 
     # -- transitions --------------------------------------------------------------------------------
     def _open(self, dev: _Device, judgement: Judgement) -> Event:
@@ -254,7 +286,7 @@ class AlertManager:
             "windows": alert.windows,
         }
         metrics.ALERTS.labels("anomaly", state).inc()
-        self._pending_row = {
+        self._pending_rows[alert.alert_id] = {
             "alert_id": alert.alert_id,
             "device": device,
             "kind": "anomaly",
@@ -299,17 +331,6 @@ class AlertManager:
             self._devices[device] = dev
         return dev
 
-    def _persist(self, device: str, dev: _Device) -> None:
-        """Write the alert row and the device state together, so they never disagree after a crash."""
-        row, self._pending_row = self._pending_row, None
-        if self.db is None:
-            dev.dirty = False
-            return
-        with self.db.atomic():
-            if row is not None:
-                self.db["alerts"].upsert(row, pk="alert_id")
-            self._write_state(device, dev)
-
     def _write_state(self, device: str, dev: _Device) -> None:
         assert self.db is not None
         state = {
@@ -322,7 +343,6 @@ class AlertManager:
             {"key": f"{_KEY_PREFIX}{device}", "value_json": json.dumps(state), "updated": time.time()},
             pk="key",
         )
-        dev.dirty = False
 
     def _restore(self) -> None:
         assert self.db is not None

@@ -6,6 +6,7 @@ import hashlib
 import json
 from pathlib import Path
 
+import numpy as np
 import pydantic
 import pytest
 import sqlite_utils
@@ -217,3 +218,34 @@ def test_bad_settings_fail_clearly() -> None:
         AlertConfig(open_k=6, open_n=5)
     with pytest.raises(ValueError, match="channel_norm"):
         AlertManager(CFG, "gw-01", channel_norm={"vibration": 0.0})
+
+
+def test_numpy_scalars_from_the_scorer_give_json_payloads(fresh_db: sqlite_utils.Database) -> None:
+    mgr = AlertManager(CFG, "gw-01", fresh_db)
+    events = []
+    for i in range(3):
+        s = Score(
+            "pump-01", np.float64(i), np.float64(i + 10), np.float32(2.5), {"vibration": np.float32(1)}, "m"
+        )
+        events += mgr.update(Judgement(s, np.float64(1.0), np.bool_(True)))
+    (ev,) = events
+    assert json.loads(json.dumps(ev.payload)) == ev.payload
+    assert type(ev.payload["score"]) is float and ev.payload["top_sensors"][0]["share"] == 1.0
+
+
+def test_a_database_error_loses_no_event_and_is_retried(fresh_db: sqlite_utils.Database) -> None:
+    mgr = AlertManager(CFG, "gw-01", fresh_db)
+    f = Feed(mgr)
+    fresh_db.execute(  # a real SQLite error on every write to `alerts`, as on a full disk
+        "CREATE TRIGGER fail BEFORE INSERT ON alerts BEGIN SELECT RAISE(ABORT, 'simulated write error'); END"
+    )
+    before = metrics.REGISTRY.get_sample_value("edgewatch_db_errors_total", {"kind": "alert_state"}) or 0.0
+    ev = opened(f)  # the event is still produced
+    assert (
+        metrics.REGISTRY.get_sample_value("edgewatch_db_errors_total", {"kind": "alert_state"}) == before + 1
+    )
+    fresh_db.execute("DROP TRIGGER fail")
+    assert fresh_db.execute("SELECT count(*) FROM state").fetchone()[0] == 0  # rolled back together
+    mgr.save()  # the retry writes the row and the state in one transaction
+    assert fresh_db["alerts"].get(ev.payload["alert_id"])["state"] == "open"
+    assert AlertManager(CFG, "gw-01", fresh_db).open_alert("pump-01")["alert_id"] == ev.payload["alert_id"]

@@ -11,7 +11,14 @@ import sqlite_utils
 
 from agent import metrics
 from agent.db import open_db
-from agent.threshold import FixedThreshold, RollingPercentile, ThresholdConfig, Thresholder, make_thresholder
+from agent.threshold import (
+    FixedThreshold,
+    RollingPercentile,
+    ThresholdConfig,
+    Thresholder,
+    _quantile,
+    make_thresholder,
+)
 from agent.types import Judgement, Score
 
 CAL = {"p50": 1.0, "p90": 2.0, "p99": 3.0, "p99.5": 3.5, "p99.9": 5.0}
@@ -216,3 +223,21 @@ def test_conformance_survives_a_restart(factory: Factory, db_path: Path) -> None
 def test_make_thresholder_picks_the_configured_kind() -> None:
     assert isinstance(make_thresholder(SMALL, CAL), RollingPercentile)
     assert isinstance(make_thresholder(SMALL.model_copy(update={"kind": "fixed"}), CAL), FixedThreshold)
+
+
+@pytest.mark.parametrize("factory", THRESHOLDERS, ids=lambda f: f.__name__)
+def test_conformance_numpy_scores_give_plain_python_judgements(factory: Factory) -> None:
+    t = factory(SMALL, CAL, None)
+    for e in (np.float32(2.0), np.float32(7.0)):
+        j = t.classify(score(e))
+        assert type(j.anomalous) is bool and type(j.threshold) is float
+        t.learn_one(j)
+
+
+@pytest.mark.parametrize("n", [1, 2, 7, 200, 2000])
+@pytest.mark.parametrize("q", [0.5, 0.9, 0.99, 0.999])
+def test_fast_quantile_matches_numpy(n: int, q: float) -> None:
+    rng = np.random.default_rng(n)
+    for _ in range(20):
+        values = rng.lognormal(0.0, 1.0, n)
+        assert _quantile(values, q) == np.quantile(values, q)
