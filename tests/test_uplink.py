@@ -16,11 +16,11 @@ from pathlib import Path
 
 import paho.mqtt.client as mqtt
 import pytest
+from conftest import Broker, make_broker
 
 from agent import metrics
 from agent.types import Event
 from agent.uplink import Outbox, Uplink, UplinkConfig
-from conftest import Broker, make_broker
 
 REPO = Path(__file__).resolve().parents[1]
 
