@@ -139,16 +139,36 @@ class AlertManager:
         self.config = config
         self.gateway_id = gateway_id
         self.db = db
-        self.channel_norm = {k: float(v) for k, v in (channel_norm or {}).items()}
-        bad = {k: v for k, v in self.channel_norm.items() if not (math.isfinite(v) and v > 0)}
-        if bad:
-            raise ValueError(f"channel_norm values must be positive and finite, got {bad}")
         self._devices: dict[str, _Device] = {}
         self._warned_norm: set[str] = set()
+        self._norm: dict[str, float] = {}
+        self.channel_norm = channel_norm
         self._pending_rows: dict[str, dict] = {}  # alerts-table rows not yet written
         self._last_persist = time.monotonic()
         if db is not None:
             self._restore()
+
+    @property
+    def channel_norm(self) -> dict[str, float]:
+        """Per-channel calibration error means used to normalise attribution ({} = raw errors)."""
+        return self._norm
+
+    @channel_norm.setter
+    def channel_norm(self, value: dict[str, float] | None) -> None:
+        """Settable on a model swap. Unusable figures (zero, negative, NaN) disable normalisation as a whole
+        with an error logged, rather than stop the agent or mix normalised and raw channels."""
+        norm: dict[str, float] = {}
+        for ch, v in (value or {}).items():
+            try:
+                norm[str(ch)] = float(v)
+            except (TypeError, ValueError):
+                norm[str(ch)] = math.nan
+        bad = {ch: v for ch, v in norm.items() if not (math.isfinite(v) and v > 0)}
+        if bad:
+            log.error("channel error means %s are not positive numbers: attribution uses raw errors", bad)
+            norm = {}
+        self._norm = norm
+        self._warned_norm = set()
 
     # -- pipeline API -------------------------------------------------------------------------------
     def update(self, judgement: Judgement) -> list[Event]:
@@ -306,9 +326,9 @@ class AlertManager:
         for ch, err in score.channel_errors.items():
             if not math.isfinite(err) or err < 0:
                 continue
-            norm = self.channel_norm.get(ch)
+            norm = self._norm.get(ch)
             if norm is None:
-                if self.channel_norm and ch not in self._warned_norm:
+                if self._norm and ch not in self._warned_norm:
                     self._warned_norm.add(ch)
                     log.warning("no calibration error stats for channel %s: its raw error is used", ch)
                 norm = 1.0

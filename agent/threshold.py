@@ -94,10 +94,12 @@ def _bounds(config: ThresholdConfig, calibration: dict[str, float]) -> tuple[flo
     for key in needed:
         value = calibration[key]
         try:
-            ok = math.isfinite(float(value)) and float(value) > 0
+            v = float(value)
         except (TypeError, ValueError):
-            ok = False
-        if not ok:
+            v = math.nan
+        # a zero floor is harmless; a zero start or ceiling would flag every window
+        zero_ok = key not in (config.start_quantile, "p99.9")
+        if not (math.isfinite(v) and (v > 0 or (v == 0 and zero_ok))):
             raise ValueError(f"calibration quantile {key} must be a positive finite number, got {value!r}")
     floor = config.floor_factor * float(calibration[config.floor_quantile])
     ceiling = config.ceiling_factor * float(calibration["p99.9"])
@@ -165,10 +167,15 @@ class RollingPercentile:
         config: ThresholdConfig,
         calibration: dict[str, float],
         db: sqlite_utils.Database | None = None,
+        model_id: str | None = None,
     ) -> None:
+        """`model_id`: the bundle these calibration figures belong to; saved baselines learnt on another
+        model are not restored (their error scale differs). Scores carry their model id too, so a baseline
+        also starts over if scores from another model arrive."""
         self.config = config
         self.start, self.floor, self.ceiling = _bounds(config, calibration)
         self.db = db
+        self.model_id = model_id
         self._devices: dict[str, _Baseline] = {}
         self._last_persist = time.monotonic()
         if db is not None:
@@ -299,6 +306,14 @@ class RollingPercentile:
             except (ValueError, KeyError, TypeError) as exc:
                 log.error("ignoring unreadable threshold state for %s: %s", device, exc)
                 continue
+            if self.model_id is not None and state.get("model_id") != self.model_id:
+                log.info(
+                    "not restoring the threshold baseline of %s: learnt on model %s, now %s",
+                    device,
+                    state.get("model_id"),
+                    self.model_id,
+                )
+                continue
             base = _Baseline(ring=np.zeros(self.config.history), model_id=state.get("model_id"))
             base.ring[: len(scores)] = scores
             base.count = len(scores)
@@ -315,9 +330,11 @@ class FixedThreshold:
         config: ThresholdConfig,
         calibration: dict[str, float],
         db: sqlite_utils.Database | None = None,
+        model_id: str | None = None,
     ) -> None:
         self.config = config
         self.start, self.floor, self.ceiling = _bounds(config, calibration)
+        self.model_id = model_id
 
     def classify(self, score: Score) -> Judgement:
         _check_score(score)
@@ -338,8 +355,11 @@ class FixedThreshold:
 
 
 def make_thresholder(
-    config: ThresholdConfig, calibration: dict[str, float], db: sqlite_utils.Database | None = None
+    config: ThresholdConfig,
+    calibration: dict[str, float],
+    db: sqlite_utils.Database | None = None,
+    model_id: str | None = None,
 ) -> Thresholder:
-    """The thresholder named by config.kind."""
+    """The thresholder named by config.kind (what the service should call instead of a class)."""
     cls = {"rolling_percentile": RollingPercentile, "fixed": FixedThreshold}[config.kind]
-    return cls(config, calibration, db)
+    return cls(config, calibration, db, model_id)

@@ -216,8 +216,21 @@ def test_shares_never_sum_above_one() -> None:
 def test_bad_settings_fail_clearly() -> None:
     with pytest.raises(pydantic.ValidationError, match="open_k"):
         AlertConfig(open_k=6, open_n=5)
-    with pytest.raises(ValueError, match="channel_norm"):
-        AlertManager(CFG, "gw-01", channel_norm={"vibration": 0.0})
+
+
+def test_unusable_channel_norm_falls_back_to_raw_errors_and_can_be_swapped() -> None:
+    mgr = AlertManager(CFG, "gw-01", channel_norm={"vibration": 0.0, "temperature": 1.0})
+    assert mgr.channel_norm == {}
+    f = Feed(mgr)
+    (ev,) = f(2.0, 2.0, 2.0, channels={"vibration": 6.0, "temperature": 3.0, "pressure": 1.0})
+    assert ev.payload["top_sensors"][0] == {"channel": "vibration", "share": 0.6}
+    mgr.channel_norm = {"vibration": 6.0, "temperature": 1.0, "pressure": 1.0}  # a model swap
+    f(*[0.1] * 5)
+    f.ts += CFG.cooldown_s
+    (ev,) = f(2.0, 2.0, 2.0, channels={"vibration": 6.0, "temperature": 3.0, "pressure": 1.0})
+    assert ev.payload["top_sensors"][0] == {"channel": "temperature", "share": 0.6}
+    mgr.channel_norm = None
+    assert mgr.channel_norm == {}
 
 
 def test_numpy_scalars_from_the_scorer_give_json_payloads(fresh_db: sqlite_utils.Database) -> None:

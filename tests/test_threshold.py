@@ -136,6 +136,16 @@ def test_persists_at_most_every_interval_and_on_save(fresh_db: sqlite_utils.Data
     assert '"model_id": "m-1"' in value
 
 
+def test_a_thresholder_for_another_model_does_not_restore_the_old_baseline(
+    fresh_db: sqlite_utils.Database,
+) -> None:
+    t = RollingPercentile(SMALL, CAL, fresh_db, model_id="m-1")
+    feed(t, np.full(50, 4.0))
+    t.save()
+    assert RollingPercentile(SMALL, CAL, fresh_db, model_id="m-1").threshold("pump-01") == pytest.approx(6.0)
+    assert RollingPercentile(SMALL, CAL, fresh_db, model_id="m-2").threshold("pump-01") == START
+
+
 def test_new_model_starts_a_new_baseline(fresh_db: sqlite_utils.Database) -> None:
     t = RollingPercentile(SMALL, CAL, fresh_db)
     feed(t, np.full(50, 4.0))
@@ -165,6 +175,9 @@ def test_bad_calibration_and_bad_scores_fail_clearly() -> None:
         RollingPercentile(SMALL, {"p99": 3.0})
     with pytest.raises(ValueError, match="positive finite"):
         RollingPercentile(SMALL, {**CAL, "p99": float("nan")})
+    with pytest.raises(ValueError, match="positive finite"):
+        RollingPercentile(SMALL, {**CAL, "p99.9": 0.0})
+    assert RollingPercentile(SMALL, {**CAL, "p99": 0.0}).floor == 0.0  # a zero floor is harmless
     with pytest.raises(ValueError, match="above the ceiling"):
         RollingPercentile(SMALL.model_copy(update={"floor_factor": 5.0}), CAL)
     t = RollingPercentile(SMALL, CAL)
@@ -173,7 +186,7 @@ def test_bad_calibration_and_bad_scores_fail_clearly() -> None:
 
 
 # -- conformance: every thresholder class passes the same suite ---------------------------------------
-Factory = Callable[[ThresholdConfig, dict, sqlite_utils.Database | None], Thresholder]
+Factory = Callable[..., Thresholder]  # (config, calibration, db, model_id=None)
 THRESHOLDERS: list[Factory] = [RollingPercentile, FixedThreshold]
 
 
