@@ -52,7 +52,10 @@ class AlertConfig(BaseModel):
         "(device time)",
     )
     update_every: int = Field(
-        10, ge=1, description="send an update at most every this many anomalous windows of an open alert"
+        10,
+        ge=1,
+        description="routine update every this many anomalous windows of an open alert (not more often, "
+        "unless the peak grows or severity escalates)",
     )
     update_peak_growth: float = Field(
         0.2,
@@ -64,7 +67,10 @@ class AlertConfig(BaseModel):
     )
     top_k: int = Field(3, ge=1, description="sensors listed in top_sensors")
     persist_every_s: float = Field(
-        5.0, ge=0.0, description="save an open alert's counters at most this often between messages"
+        5.0,
+        ge=0.0,
+        description="counters that change without a message (k-of-n history, windows since the last "
+        "update) are saved at most this often; every message is saved at once",
     )
 
     @model_validator(mode="after")

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import hashlib
 import json
+import tempfile
 from pathlib import Path
 
 import numpy as np
 import pydantic
 import pytest
 import sqlite_utils
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from agent import metrics
 from agent.alert import AlertConfig, AlertManager
@@ -262,3 +265,45 @@ def test_a_database_error_loses_no_event_and_is_retried(fresh_db: sqlite_utils.D
     mgr.save()  # the retry writes the row and the state in one transaction
     assert fresh_db["alerts"].get(ev.payload["alert_id"])["state"] == "open"
     assert AlertManager(CFG, "gw-01", fresh_db).open_alert("pump-01")["alert_id"] == ev.payload["alert_id"]
+
+
+scores_st = st.lists(st.sampled_from([0.1, 0.5, 0.9, 1.5, 2.0, 3.5]), min_size=1, max_size=120)
+
+
+@settings(max_examples=60, deadline=None)
+@given(errors=scores_st)
+def test_alert_lifecycle_invariants(errors: list[float]) -> None:
+    f = Feed(AlertManager(CFG, "gw-01"))
+    f(*errors)
+    open_id, expected_n = None, 0
+    for ev in f.events:
+        p = ev.payload
+        assert sum(t["share"] for t in p["top_sensors"]) <= 1.0
+        if p["state"] == "open":
+            assert open_id is None  # never two open alerts for one device
+            open_id, expected_n = p["alert_id"], 0
+        else:
+            assert p["alert_id"] == open_id
+            expected_n += 1
+        assert p["msg_id"] == f"{open_id}:{expected_n}"
+        if p["state"] == "resolve":
+            open_id = None
+
+
+@settings(max_examples=25, deadline=None)
+@given(errors=scores_st, cut=st.integers(min_value=0, max_value=120))
+def test_a_restart_anywhere_is_invisible(errors: list[float], cut: int) -> None:
+    """Same events with a save + restart at any point as without (what 'resumes exactly' means)."""
+    live = Feed(AlertManager(CFG, "gw-01"))
+    live(*errors)
+    with tempfile.TemporaryDirectory() as tmp:
+        db = open_db(Path(tmp) / "a.db")
+        first = Feed(AlertManager(CFG, "gw-01", db))
+        first(*errors[:cut])
+        first.mgr.save()
+        db.conn.close()
+        db2 = open_db(Path(tmp) / "a.db")
+        second = Feed(AlertManager(CFG, "gw-01", db2), t0=first.ts)
+        second(*errors[cut:])
+        db2.conn.close()
+    assert [e.payload for e in first.events + second.events] == [e.payload for e in live.events]

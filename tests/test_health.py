@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from agent import metrics
 from agent.health import REJECT_KINDS, HealthConfig, HealthMonitor
@@ -156,3 +158,44 @@ def test_ids_are_deterministic_and_kinds_are_independent() -> None:
         ("out_of_range", "raised"),
         ("stuck", "raised"),
     ]
+
+
+step_st = st.tuples(
+    st.sampled_from(["reading", "stuck_reading", "range", "nan", "garbage", "duplicate", "tick"]),
+    st.floats(min_value=0.1, max_value=40.0),
+)
+
+
+@settings(max_examples=80, deadline=None)
+@given(steps=st.lists(step_st, max_size=150))
+def test_each_episode_is_raised_once_and_cleared_at_most_once(steps: list[tuple[str, float]]) -> None:
+    h = HealthMonitor(CFG.model_copy(update={"stuck_n": 5, "reject_k": 3}), "gw-01")
+    t, events = T0, []
+    for kind, dt in steps:
+        t += dt
+        if kind == "reading":
+            events += h.observe_reading(reading(t))
+        elif kind == "stuck_reading":
+            events += h.observe_reading(reading(t, pressure=1.0))
+        elif kind == "tick":
+            events += h.tick(t)
+        else:
+            device = None if kind == "garbage" else "pump-01"
+            reason = "syntax" if kind == "garbage" else kind
+            events += h.observe_reject(Reject(reason, "x", device), "/dev/ttyUSB0", t)
+    states: dict[str, list[str]] = {}
+    active: set[tuple] = set()
+    for ev in events:
+        p = ev.payload
+        assert (
+            set(p) == PAYLOAD_KEYS and p["msg_id"] == f"{p['event_id']}:{0 if p['state'] == 'raised' else 1}"
+        )
+        states.setdefault(p["event_id"], []).append(p["state"])
+        key = (p["device"], p["channel"], p["kind"])
+        if p["state"] == "raised":
+            assert key not in active
+            active.add(key)
+        else:
+            active.remove(key)
+    assert all(s in (["raised"], ["raised", "cleared"]) for s in states.values())
+    assert {(a["device"], a["channel"], a["kind"]) for a in h.active()} == active
