@@ -11,30 +11,12 @@ import sys
 import time
 from datetime import UTC, datetime
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import ValidationError
 
+from firmware_sim.config import SimConfig
 from firmware_sim.scenario import BUILDERS, DESCRIPTIONS, build_scenario
 
 DAY = 86400.0
-
-
-class SimConfig(BaseModel):
-    """Settings shared by every simulator output."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    seed: int = Field(0, description="random seed: same seed and arguments give the same numbers")
-    devices: int = Field(1, ge=1, le=99, description="number of pumps, named pump-01, pump-02, ...")
-    scenario: str = Field("normal", description="fault schedule; see `edgewatch sim scenarios`")
-    rate: float = Field(1.0, gt=0, le=1000, description="samples per second per device")
-    fault_after: float | None = Field(
-        None, ge=0, description="sim seconds until the (first) fault starts; default scales with the horizon"
-    )
-    degradation: float | None = Field(
-        None, gt=0, description="sim seconds of the degrading phase before failure (sensor faults: duration)"
-    )
-    duration: float | None = Field(None, gt=0, description="sim seconds to produce; None streams forever")
-    start_ms: int = Field(description="device clock of the first reading, ms since the Unix epoch (UTC)")
 
 
 def parse_iso(text: str) -> int:
@@ -87,6 +69,7 @@ def _config(args: argparse.Namespace, start_ms: int, duration: float | None) -> 
             degradation=args.degradation,
             duration=duration,
             start_ms=start_ms,
+            speed=getattr(args, "speed", 1.0),
         )
     except ValidationError as e:
         raise SystemExit(f"edgewatch sim: invalid arguments:\n{e}") from None
@@ -128,16 +111,14 @@ def _run_serial(args: argparse.Namespace) -> int:
     from firmware_sim.stream import run_serial
 
     cfg = _config(args, stream_start_ms(args), args.duration)
-    return run_serial(cfg, _scenario(cfg), speed=args.speed, port=args.port, pty=args.pty)
+    return run_serial(cfg, _scenario(cfg), port=args.port, pty=args.pty)
 
 
 def _run_mqtt(args: argparse.Namespace) -> int:
     from firmware_sim.stream import run_mqtt
 
     cfg = _config(args, stream_start_ms(args), args.duration)
-    return run_mqtt(
-        cfg, _scenario(cfg), speed=args.speed, broker=args.broker, prefix=args.prefix, qos=args.qos
-    )
+    return run_mqtt(cfg, _scenario(cfg), broker=args.broker, prefix=args.prefix, qos=args.qos)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -18,10 +18,10 @@ SEQ_MOD = 2**32
 
 
 def format_value(x: float, decimals: int) -> str:
-    """Decimal with fixed places; `nan` for NaN (never 0)."""
+    """Decimal with fixed places; `nan` for NaN (never 0); never `-0.000`."""
     if math.isnan(x):
         return "nan"
-    return f"{x + 0.0:.{decimals}f}"
+    return f"{round(x, decimals) + 0.0:.{decimals}f}"
 
 
 def encode_line(
@@ -62,14 +62,15 @@ def garbage_rng(seed: int, device: int, seq: int) -> np.random.Generator:
     return np.random.default_rng([seed, device, int(seq), 0x6A5B])
 
 
-def garbage_line(rng: np.random.Generator, valid: bytes) -> bytes:
+def garbage_line(rng: np.random.Generator, valid: bytes, kinds: tuple[int, ...] = (0, 1, 2)) -> bytes:
     """What a noisy line or a confused sensor puts on the wire instead of `valid`.
 
     One of: random bytes with non-ASCII in them; the valid line with one byte flipped (CRC fails);
     the valid line truncated and followed by line noise (0xFF bursts). Always one `\\n`-terminated
-    line, so it costs the reader exactly one rejected line.
+    line, so it costs the reader exactly one rejected line. `kinds` picks among the three (MQTT
+    uses 0 and 2: a flipped byte in JSON could still parse).
     """
-    kind = int(rng.integers(3))
+    kind = kinds[int(rng.integers(len(kinds)))]
     if kind == 0:
         n = int(rng.integers(8, 60))
         raw = rng.integers(0, 256, n, dtype=np.uint8)
@@ -86,3 +87,8 @@ def garbage_line(rng: np.random.Generator, valid: bytes) -> bytes:
         return bytes(body) + b"\n"
     cut = int(rng.integers(5, len(body)))
     return bytes(body[:cut]) + b"\xff" * int(rng.integers(1, 6)) + b"\n"
+
+
+def garbage_payload(rng: np.random.Generator, valid_json: bytes) -> bytes:
+    """A corrupt MQTT payload (random or truncated bytes with non-ASCII in them): never a valid reading."""
+    return garbage_line(rng, valid_json, kinds=(0, 2)).rstrip(b"\n")
