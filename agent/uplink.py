@@ -426,7 +426,7 @@ class Uplink:
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
         self._connected = threading.Event()
-        self._offline_sent = threading.Event()
+        self._stop_timeout = 5.0
 
         # Owned by the uplink thread.
         self._client: mqtt.Client | None = None
@@ -723,7 +723,7 @@ class Uplink:
 
     def _goodbye(self, client: mqtt.Client) -> None:
         """Clean shutdown: retained offline status (best effort, bounded wait), then DISCONNECT."""
-        timeout = getattr(self, "_stop_timeout", 5.0)
+        timeout = self._stop_timeout
         if self._connected.is_set():
             info = client.publish(
                 self.status_topic, encode_payload(self.status_payload("offline")), qos=1, retain=True
@@ -734,8 +734,8 @@ class Uplink:
             ):
                 if client.loop(timeout=0.05) != mqtt.MQTT_ERR_SUCCESS:
                     break
-            if info.is_published():
-                self._offline_sent.set()
+            if not info.is_published():
+                log.warning("uplink: offline status not acknowledged within %.1f s", timeout)
         client.disconnect()
         for _ in range(5):  # let paho write the DISCONNECT packet
             if client.loop(timeout=0.01) != mqtt.MQTT_ERR_SUCCESS:
