@@ -65,7 +65,7 @@ class AlertConfig(BaseModel):
     critical_ratio: float = Field(
         3.0, gt=1.0, description="severity is critical once score / threshold reaches this ratio"
     )
-    top_k: int = Field(3, ge=1, description="sensors listed in top_sensors")
+    top_k: int = Field(3, ge=1, le=3, description="sensors listed in top_sensors (the payload allows 3)")
     persist_every_s: float = Field(
         5.0,
         ge=0.0,

@@ -5,8 +5,10 @@ from __future__ import annotations
 import hashlib
 import json
 import tempfile
+from importlib import resources
 from pathlib import Path
 
+import jsonschema
 import numpy as np
 import pydantic
 import pytest
@@ -44,6 +46,12 @@ class Feed:
             out.extend(self.mgr.update(Judgement(s, thr, e > thr)))
         self.events.extend(out)
         return out
+
+
+def schema_errors(name: str, payload: dict) -> list[str]:
+    """Violations of agent/schemas/<name>.json, the contract the uplink's consumers validate against."""
+    doc = json.loads(resources.files("agent").joinpath("schemas", f"{name}.json").read_text())
+    return [e.message for e in jsonschema.Draft202012Validator(doc).iter_errors(payload)]
 
 
 def states(events: list[Event]) -> list[str]:
@@ -278,6 +286,7 @@ def test_alert_lifecycle_invariants(errors: list[float]) -> None:
     open_id, expected_n = None, 0
     for ev in f.events:
         p = ev.payload
+        assert schema_errors("alert", p) == []
         assert sum(t["share"] for t in p["top_sensors"]) <= 1.0
         if p["state"] == "open":
             assert open_id is None  # never two open alerts for one device

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import json
+from importlib import resources
+
+import jsonschema
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -22,6 +26,12 @@ def reading(t: float, device: str = "pump-01", **values: float) -> Reading:
     return Reading(device=device, ts=t, values=vals, received=t + 0.05)
 
 
+def schema_errors(name: str, payload: dict) -> list[str]:
+    """Violations of agent/schemas/<name>.json, the contract the uplink's consumers validate against."""
+    doc = json.loads(resources.files("agent").joinpath("schemas", f"{name}.json").read_text())
+    return [e.message for e in jsonschema.Draft202012Validator(doc).iter_errors(payload)]
+
+
 def health_count(kind: str, state: str) -> float:
     labels = {"kind": kind, "state": state}
     return metrics.REGISTRY.get_sample_value("edgewatch_health_events_total", labels) or 0.0
@@ -30,7 +40,7 @@ def health_count(kind: str, state: str) -> float:
 def check_pair(raised: Event, cleared: Event, kind: str, device: str, channel: str | None) -> None:
     for ev in (raised, cleared):
         assert ev.topic_kind == "health" and ev.device == device
-        assert set(ev.payload) == PAYLOAD_KEYS
+        assert set(ev.payload) == PAYLOAD_KEYS and schema_errors("health", ev.payload) == []
         assert ev.payload["kind"] == kind and ev.payload["channel"] == channel
         assert ev.payload["device"] == device and ev.payload["gateway"] == "gw-01"
     eid = raised.payload["event_id"]
@@ -187,6 +197,7 @@ def test_each_episode_is_raised_once_and_cleared_at_most_once(steps: list[tuple[
     active: set[tuple] = set()
     for ev in events:
         p = ev.payload
+        assert schema_errors("health", p) == []
         assert (
             set(p) == PAYLOAD_KEYS and p["msg_id"] == f"{p['event_id']}:{0 if p['state'] == 'raised' else 1}"
         )
