@@ -125,20 +125,49 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the simulator subcommands to the `sim` parser."""
     sub = parser.add_subparsers(dest="sim_command", required=True, metavar="SUBCOMMAND")
 
-    r = sub.add_parser("record", help="write a labelled CSV recording (fast, deterministic)")
+    fmt = argparse.RawDescriptionHelpFormatter
+    r = sub.add_parser(
+        "record",
+        help="write a labelled CSV recording (fast, deterministic)",
+        formatter_class=fmt,
+        epilog="examples:\n"
+        "  edgewatch sim record --out normal.csv --seed 1 --devices 3 --hours 24 --rate 1\n"
+        "  edgewatch sim record --out mixed.csv --seed 2 --hours 48 --scenario mixed\n"
+        "  edgewatch sim record --out bw.csv --devices 1 --duration 7200 --scenario bearing_wear \\\n"
+        "      --fault-after 1800 --degradation 3600 --start 2026-12-01T00:00:00Z\n"
+        "default start: 2026-12-01T00:00:00Z, so the file is byte-identical on every run.",
+    )
     r.add_argument("--out", required=True, help="CSV file to write")
     r.add_argument("--hours", type=float, default=24.0, help="sim hours to record (default 24)")
     _common(r, default_devices=3)
     r.set_defaults(handler=_run_record)
 
-    s = sub.add_parser("serial", help="stream protocol lines to a serial port or a new pty")
+    s = sub.add_parser(
+        "serial",
+        help="stream protocol lines to a serial port or a new pty",
+        formatter_class=fmt,
+        epilog="examples:\n"
+        "  edgewatch sim serial --pty --seed 7 --devices 2\n"
+        "  edgewatch sim serial --pty --seed 7 --speed 20 --scenario bearing_wear --fault-after 900 --degradation 900\n"
+        "  edgewatch sim serial --port /dev/ttyUSB0 --seed 1 --duration 3600\n"
+        "With --pty the first stdout line is `serial port: /dev/pts/N`. Speed 1 starts the device clock\n"
+        "at now; a faster speed starts it 24 h back (a catch-up feed). Stop with Ctrl-C / SIGTERM.",
+    )
     where = s.add_mutually_exclusive_group(required=True)
     where.add_argument("--pty", action="store_true", help="create a pty; first stdout line names its device")
     where.add_argument("--port", metavar="DEV", help="serial device to write to (115200 8N1)")
     _stream_common(s)
     s.set_defaults(handler=_run_serial)
 
-    m = sub.add_parser("mqtt", help="publish telemetry JSON to an MQTT broker")
+    m = sub.add_parser(
+        "mqtt",
+        help="publish telemetry JSON to an MQTT broker",
+        formatter_class=fmt,
+        epilog="examples:\n"
+        "  edgewatch sim mqtt --broker 127.0.0.1:1883 --seed 3 --devices 3\n"
+        "  edgewatch sim mqtt --broker gw:1883 --prefix plant1/sensors --speed 60 --scenario mixed --qos 0\n"
+        "Topic: <prefix>/<device>/telemetry, payload per docs/protocol.md.",
+    )
     m.add_argument("--broker", required=True, metavar="HOST:PORT", help="MQTT broker address")
     m.add_argument("--prefix", default="edgewatch/sensors", help="topic prefix (default edgewatch/sensors)")
     m.add_argument("--qos", type=int, choices=(0, 1), default=1, help="MQTT QoS (default 1)")

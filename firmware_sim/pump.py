@@ -313,7 +313,8 @@ class PumpSim:
         healthy = p.v_idle + p.v_base * (0.3 + 0.7 * speed**2) * running
         vib = healthy * np.exp(p.noise_v * rng.standard_normal(n) + 0.05 * v_w)
         bw = sev["bearing_wear"]
-        bursts = (rng.random(n) < (0.002 + 0.05 * bw)) * running * (bw > 0)
+        burst_p = np.minimum(1.0, (0.002 + 0.05 * bw) * self.dt)  # impacts per second, whatever the rate
+        bursts = (rng.random(n) < burst_p) * running * (bw > 0)
         amp = speed * (0.4 + 7.0 * bw) * rng.exponential(1.0, n) * bursts
         amp = np.convolve(amp, [1.0, 0.55, 0.3, 0.15])[:n]
         vib += speed * 2.6 * bw + amp

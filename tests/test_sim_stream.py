@@ -5,12 +5,14 @@ for the same seed, scenario and start, i.e. what `record` writes."""
 from __future__ import annotations
 
 import json
+import os
 import select
 import signal
 import subprocess
 import sys
 import threading
 import time
+import tty
 import zlib
 from pathlib import Path
 
@@ -183,3 +185,40 @@ def test_mqtt_stream_reaches_a_real_broker(broker) -> None:
     finally:
         sub.loop_stop()
         sub.disconnect()
+
+
+@pytest.mark.timeout(60)
+def test_serial_port_option_writes_to_an_existing_port() -> None:
+    """`--port DEV` through pyserial, to a pty the test owns (its master side is our wire)."""
+    master, slave = os.openpty()
+    tty.setraw(slave)
+    try:
+        proc = subprocess.Popen(
+            [
+                *(EDGEWATCH, "sim", "serial", "--port", os.ttyname(slave), "--seed", "4", "--devices", "3"),
+                *("--speed", "50", "--duration", "30", "--start", START_ISO),
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        data = b""
+        end = time.monotonic() + 30
+        while time.monotonic() < end:
+            ready, _, _ = select.select([master], [], [], 0.3)
+            if ready:
+                data += os.read(master, 65536)
+            elif proc.poll() is not None:
+                break
+        assert proc.wait(10) == 0, proc.stderr.read()
+    finally:
+        os.close(master)
+        os.close(slave)
+    lines = data.splitlines(keepends=True)
+    assert len(lines) == 3 * 30 and all(valid(ln) for ln in lines)
+    sc = build_scenario("normal", 3, 30)
+    c = simulate(4, 2, sc, START_MS, 30)
+    want = [
+        encode_line(c.device, c.seq[i], c.ts_ms[i], c.temperature[i], c.vibration[i], c.pressure[i])
+        for i in range(30)
+    ]
+    assert [ln for ln in lines if b",pump-03," in ln] == want
