@@ -27,7 +27,7 @@ _KEY_PREFIX = "alert:"
 
 
 class AlertConfig(BaseModel):
-    """[alert] settings: when an anomaly becomes an alert, how often it is updated, when it resolves."""
+    """[alerts] settings: when an anomaly becomes an alert, how often it is updated, when it resolves."""
 
     model_config = ConfigDict(extra="forbid")
 
