@@ -46,8 +46,19 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--hidden", type=int, default=32, help="LSTM hidden size")
     p.add_argument("--layers", type=int, default=1, help="LSTM layers")
     p.add_argument("--seed", type=int, default=0, help="random seed for training")
-    p.add_argument("--normal-until", default=None, help="ISO time: rows before it are normal (unlabelled data)")
+    p.add_argument(
+        "--normal-until", default=None, help="ISO time: rows before it are normal (unlabelled data)"
+    )
     p.add_argument("--no-report", action="store_true", help="skip report.md and plots")
+    p.add_argument(
+        "--max-gap", type=float, default=None, help="longest gap (s) to interpolate (default: 5 periods)"
+    )
+    p.add_argument(
+        "--max-train-windows",
+        type=int,
+        default=None,
+        help="training windows sampled per epoch (default: all)",
+    )
 
     def handler(args: argparse.Namespace) -> int | None:
         _need_train_extra("train")

@@ -16,26 +16,34 @@ READINGS_IN = Counter(
 READINGS_REJECTED = Counter(
     "edgewatch_readings_rejected", "Inputs rejected, by reason code", ["reason"], registry=REGISTRY
 )
-WINDOWS_SCORED = Counter("edgewatch_windows_scored", "Windows scored by the model", ["device"], registry=REGISTRY)
+WINDOWS_SCORED = Counter(
+    "edgewatch_windows_scored", "Windows scored by the model", ["device"], registry=REGISTRY
+)
 SCORE_LATENCY = Histogram(
     "edgewatch_score_seconds",
     "Time to score one batch of windows",
     buckets=(0.0001, 0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.05, 0.1, 0.5),
     registry=REGISTRY,
 )
-ALERTS = Counter("edgewatch_alert_events", "Alert events, by kind and state", ["kind", "state"], registry=REGISTRY)
+ALERTS = Counter(
+    "edgewatch_alert_events", "Alert events, by kind and state", ["kind", "state"], registry=REGISTRY
+)
 HEALTH_EVENTS = Counter(
     "edgewatch_health_events", "Sensor-health events, by kind and state", ["kind", "state"], registry=REGISTRY
 )
 OUTBOX_DEPTH = Gauge("edgewatch_outbox_depth", "Messages waiting in the outbox", registry=REGISTRY)
 OUTBOX_DROPPED = Counter(
-    "edgewatch_outbox_dropped", "Messages dropped because the outbox was full, by reason", ["reason"],
+    "edgewatch_outbox_dropped",
+    "Messages dropped because the outbox was full, by reason",
+    ["reason"],
     registry=REGISTRY,
 )
 UPLINK_PUBLISHED = Counter(
     "edgewatch_uplink_acked", "Messages acknowledged by the upstream broker", registry=REGISTRY
 )
 UPLINK_CONNECTED = Gauge("edgewatch_uplink_connected", "1 while connected upstream", registry=REGISTRY)
-THRESHOLD = Gauge("edgewatch_threshold", "Current anomaly threshold per device", ["device"], registry=REGISTRY)
+THRESHOLD = Gauge(
+    "edgewatch_threshold", "Current anomaly threshold per device", ["device"], registry=REGISTRY
+)
 LAST_SCORE = Gauge("edgewatch_score", "Last window score per device", ["device"], registry=REGISTRY)
 DB_ERRORS = Counter("edgewatch_db_errors", "SQLite errors, by kind", ["kind"], registry=REGISTRY)

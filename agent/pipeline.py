@@ -18,7 +18,7 @@ from agent.buffer import Buffer
 from agent.health import HealthMonitor
 from agent.parse import parse
 from agent.score import Scorer
-from agent.threshold import RollingPercentile
+from agent.threshold import Thresholder
 from agent.types import Event, Judgement, RawMessage, Reading, Reject, Window
 from agent.validate import Validator
 from agent.window import Windower
@@ -49,7 +49,7 @@ class Pipeline:
         buffer: Buffer,
         scorer: Scorer,
         windower: Windower,
-        thresholder: RollingPercentile,
+        thresholder: Thresholder,
         alerts: AlertManager,
         health: HealthMonitor,
         emit: Emit,
@@ -97,7 +97,10 @@ class Pipeline:
         judgements: list[Judgement] = []
         for score in scores:
             judgement = self.thresholder.classify(score)
-            self.thresholder.learn_one(judgement)
+            # While an alert is open, scores just under the threshold are not "normal" either:
+            # keep them out of the baseline so the fault cannot raise its own bar.
+            if self.alerts.open_alert(score.device) is None:
+                self.thresholder.learn_one(judgement)
             judgements.append(judgement)
             metrics.WINDOWS_SCORED.labels(score.device).inc()
             metrics.LAST_SCORE.labels(score.device).set(score.error)
@@ -114,7 +117,7 @@ class Pipeline:
         self._send(self.health.tick(now))
 
     # -- model swap -----------------------------------------------------------------------------
-    def swap_scorer(self, scorer: Scorer, windower: Windower, thresholder: RollingPercentile) -> None:
+    def swap_scorer(self, scorer: Scorer, windower: Windower, thresholder: Thresholder) -> None:
         """Install a new verified model. Called only from the pipeline's own thread."""
         self.scorer = scorer
         self.windower = windower

@@ -31,7 +31,7 @@ from agent.notify import Notifier
 from agent.pipeline import Pipeline
 from agent.score import Scorer
 from agent.source import MqttSource, SerialSource, Source
-from agent.threshold import RollingPercentile
+from agent.threshold import Thresholder, make_thresholder
 from agent.types import Event, RawMessage
 from agent.uplink import ConsoleSink, Outbox, Uplink
 from agent.validate import Validator
@@ -107,12 +107,12 @@ class Agent:
         self.scheduler = BackgroundScheduler(daemon=True)
 
     # -- model --------------------------------------------------------------------------------
-    def _model_stages(self, bundle: Bundle) -> tuple[Scorer, Windower, RollingPercentile]:
+    def _model_stages(self, bundle: Bundle) -> tuple[Scorer, Windower, Thresholder]:
         scorer = Scorer(bundle, threads=self.config.model.threads)
         windower = Windower(
             scorer.channels, scorer.window, scorer.stride, scorer.period, self.config.window.max_gap_s
         )
-        thresholder = RollingPercentile(
+        thresholder = make_thresholder(
             self.config.threshold, bundle.manifest.calibration.quantiles, self.db, model_id=bundle.model_id
         )
         return scorer, windower, thresholder
@@ -263,6 +263,7 @@ class Agent:
                 break
         self.pipeline.buffer.flush()
         self.pipeline.thresholder.save()
+        self.pipeline.alerts.save()
         if self.uplink is not None:
             self.uplink.flush(timeout=self.config.uplink.shutdown_flush_s)
             self.uplink.stop()
