@@ -595,7 +595,7 @@ class Uplink:
         will = Will(self.status_topic, encode_payload(self.status_payload("offline")), qos=1, retain=True)
         try:
             client = make_client(self.config.mqtt, self.client_id, clean_start=True, will=will)
-        except SecretError as exc:
+        except (SecretError, OSError, ValueError) as exc:  # missing secret, unreadable TLS file
             self._log_failure(f"cannot build the MQTT client: {exc}")
             return
         # paho's own window (20) is fixed once connect_async ran; beyond it paho queues, so the flow

@@ -301,3 +301,32 @@ def test_last_will_reports_offline_when_the_agent_dies(broker: Broker, db_path: 
     assert will["state"] == "offline"
     assert will["gateway"] == "gw-01" and will["devices"] == ["pump-01"] and will["model_id"] is None
     sub.close()
+
+
+@pytest.mark.timeout(60)
+def test_unacknowledged_messages_are_resent_after_the_broker_dies(
+    broker: Broker, up_factory: Callable[..., Uplink]
+) -> None:
+    up = up_factory(broker)
+    up.start()
+    assert wait_for(lambda: up.connected)
+    sigstop(broker)
+    for i in range(5):
+        up.enqueue(alert("pump-01", i))
+    assert wait_for(lambda: all(r.attempts >= 1 for r in up.outbox.peek(10)) and up.outbox.depth() == 5)
+    assert broker.proc is not None
+    broker.proc.kill()  # the broker dies holding the messages, none acknowledged
+    broker.proc.wait()
+    broker.proc = None
+    assert wait_for(lambda: not up.connected)
+    assert up.outbox.depth() == 5
+
+    acked_before = metrics.REGISTRY.get_sample_value("edgewatch_uplink_acked_total") or 0.0
+    broker.start()  # a fresh broker on the same port: it knows nothing of the lost messages
+    assert up.flush(15)
+    assert metrics.REGISTRY.get_sample_value("edgewatch_uplink_acked_total") - acked_before == 5
+    # The reconnect also re-established the retained online status on the new broker.
+    sub = Subscriber(broker, "edgewatch/gw-01/status")
+    assert wait_for(lambda: len(sub.messages) >= 1)
+    assert sub.messages[0][1]["state"] == "online" and sub.messages[0][2]
+    sub.close()
