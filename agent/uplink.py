@@ -221,16 +221,18 @@ class Outbox:
                 result = fn()
                 self._conn.execute("COMMIT")
             except BaseException:
-                self._conn.execute("ROLLBACK")
+                if self._conn.in_transaction:  # SQLite may already have rolled back (e.g. disk full)
+                    self._conn.execute("ROLLBACK")
                 raise
             return result
 
     def _count_drops(self, reason: str, n: int) -> None:
-        """Inside a transaction: add `n` drops to the persisted total (the metric is bumped after commit)."""
-        self._conn.execute(
+        """Inside a transaction: add `n` drops to the persisted total and to `outbox_dropped.<reason>`
+        (the Prometheus counter is bumped after the commit)."""
+        self._conn.executemany(
             "INSERT INTO counters (name, value) VALUES (?, ?) "
             "ON CONFLICT(name) DO UPDATE SET value = value + excluded.value",
-            (DROPPED_COUNTER, n),
+            [(DROPPED_COUNTER, n), (f"{DROPPED_COUNTER}.{reason}", n)],
         )
 
     def put(self, msg: OutboxMessage, now: float | None = None) -> bool:
@@ -377,6 +379,14 @@ class Outbox:
     def size_bytes(self) -> int:
         with self._lock:
             return self._bytes
+
+    def dropped_by_reason(self) -> dict[str, int]:
+        """Persisted drops per reason (evicted, rejected, too_large, expired)."""
+        with self._lock:
+            rows = self._conn.execute(
+                "SELECT name, value FROM counters WHERE name LIKE ?", (f"{DROPPED_COUNTER}.%",)
+            ).fetchall()
+        return {name.split(".", 1)[1]: int(value) for name, value in rows}
 
     def dropped(self) -> int:
         """All drops ever (persisted in `counters`, so the figure survives restarts)."""

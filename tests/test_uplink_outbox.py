@@ -77,6 +77,7 @@ def test_rows_and_drop_count_survive_reopen(db_path: Path) -> None:
     assert again.depth() == 2
     assert again.size_bytes() == 20
     assert again.dropped() == 3
+    assert again.dropped_by_reason() == {"evicted": 3}
     rows = again.peek(5)
     assert [r.msg_id for r in rows] == ["m:3", "m:4"]
     assert [r.attempts for r in rows] == [1, 0]
@@ -136,6 +137,7 @@ def test_expire_drops_by_age(db_path: Path) -> None:
     assert ob.expire(now=1160.0) == 2
     assert [r.msg_id for r in ob.peek(5)] == ["m:3"]
     assert ob.dropped() == 2
+    assert ob.dropped_by_reason() == {"expired": 2}
     assert ob.size_bytes() == 10
     assert ob.expire(now=1160.0) == 0
 
@@ -223,3 +225,25 @@ def test_console_sink_prints_one_compact_json_line_per_event() -> None:
     assert json.loads(lines[0]) == {"msg_id": "a:0", "type": "alert", "score": None}
     assert json.loads(lines[1])["detail"] == "stuck at 4.2"
     assert ", " not in lines[1] and ": " not in lines[0]
+
+
+def test_disk_full_loses_nothing_already_stored_and_enqueue_reports_it(db_path: Path) -> None:
+    ob = Outbox(db_path)
+    up = Uplink(UplinkConfig(), ob, "gw-01")
+    for i in range(3):
+        assert up.enqueue(Event("alert", "pump-01", {"msg_id": f"a:{i}", "pad": "x" * 100}))
+    # Cap the file at its current size: the next insert that needs a new page fails with SQLITE_FULL.
+    pages = ob._conn.execute("PRAGMA page_count").fetchone()[0]
+    ob._conn.execute(f"PRAGMA max_page_count = {pages}")
+    errors_before = metrics.REGISTRY.get_sample_value("edgewatch_db_errors_total", {"kind": "outbox"}) or 0.0
+    big = {"msg_id": "a:big", "pad": "y" * 200_000}
+    assert up.enqueue(Event("alert", "pump-01", big)) is False
+    assert (
+        metrics.REGISTRY.get_sample_value("edgewatch_db_errors_total", {"kind": "outbox"})
+        == errors_before + 1
+    )
+    assert ob.depth() == 3 and [r.msg_id for r in ob.peek(10)] == ["a:0", "a:1", "a:2"]
+    assert ob._conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    ob._conn.execute("PRAGMA max_page_count = 1073741823")
+    assert up.enqueue(Event("alert", "pump-01", big))
+    assert ob.depth() == 4 and ob.size_bytes() == sum(len(r.payload) for r in ob.peek(10))
