@@ -116,6 +116,13 @@ class Parity(BaseModel):
     max_rel_error_diff: float = Field(description="largest |int8 - fp32| / fp32 window error")
     n_windows: int = Field(description="windows compared", ge=1)
     threshold: float = Field(description="threshold used for the decision comparison (fp32 p99)")
+    n_injected: int = Field(default=0, ge=0, description="of n_windows, how many carry injected anomalies")
+    spearman_normal_only: float | None = Field(
+        default=None, description="Spearman on the held-out normal windows alone (informational)"
+    )
+    decision_agreement_normal_only: float | None = Field(
+        default=None, description="decision agreement on the held-out normal windows alone (informational)"
+    )
 
 
 class Manifest(BaseModel):

@@ -75,6 +75,9 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     s = esub.add_parser("skab", help="SKAB benchmark under its published protocol")
     s.add_argument("--data", required=True, help="SKAB data directory (valve1/, valve2/, other/)")
     s.add_argument("--out", default=None, help="directory for metrics.json and the report")
+    s.add_argument("--seeds", nargs="+", default=None, help="training seeds to average (default: 0 1 2)")
+    s.add_argument("--epochs", type=int, default=None, help="maximum training epochs (default: the recipe's)")
+    s.add_argument("-v", "--verbose", action="store_true", help="log per-file progress")
 
     def handler(args: argparse.Namespace) -> int | None:
         _need_train_extra("eval")
