@@ -114,6 +114,54 @@ def _add_config(sub: argparse._SubParsersAction) -> None:
     c.set_defaults(handler=handler)
 
 
+def _add_replay(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "replay",
+        help="replay recordings (simulator/export CSV, SKAB CSV, an agent database) through the live pipeline",
+    )
+    p.add_argument("files", nargs="+", help="CSV recordings or an agent's edgewatch.db")
+    p.add_argument(
+        "--model", default="models/default", help="model bundle directory (default: models/default)"
+    )
+    p.add_argument(
+        "--config", default=None, help="agent config whose stage settings to use (default: defaults)"
+    )
+    p.add_argument("--speed", default="max", help="'max' (default) or a factor of data time, e.g. 10")
+    p.add_argument(
+        "--db", default=None, help="SQLite file for the replay's buffer and state (default: temporary)"
+    )
+    p.add_argument("--report", default=None, help="directory for report.md, metrics.json and plots")
+    p.add_argument(
+        "--events", default="-", help="where to write alert/health events as JSON lines (- = stdout)"
+    )
+    p.add_argument("--device", nargs="+", default=None, help="only these devices")
+    p.add_argument("--since", default=None, help="from this time (ISO 8601 or epoch s; database input)")
+    p.add_argument("--until", default=None, help="up to this time (ISO 8601 or epoch s; database input)")
+
+    def handler(args: argparse.Namespace) -> int | None:
+        from agent.replay import run_replay_cli
+
+        return run_replay_cli(args)
+
+    p.set_defaults(handler=handler)
+
+
+def _add_export(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("export", help="write readings from an agent database as a recording CSV")
+    p.add_argument("--db", required=True, help="the agent's edgewatch.db")
+    p.add_argument("--out", required=True, help="CSV file to write (recording format, see docs/protocol.md)")
+    p.add_argument("--device", nargs="+", default=None, help="devices to export (default: all)")
+    p.add_argument("--since", default=None, help="from this time (ISO 8601 or epoch s)")
+    p.add_argument("--until", default=None, help="up to this time (ISO 8601 or epoch s)")
+
+    def handler(args: argparse.Namespace) -> int | None:
+        from agent.export import run_export_cli
+
+        return run_export_cli(args)
+
+    p.set_defaults(handler=handler)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="edgewatch", description="Predictive-maintenance agent for edge gateways."
@@ -122,7 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser.add_argument("--version", action="version", version=f"edgewatch {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_add_sim, _add_train, _add_eval, _add_run, _add_config):
+    for add in (_add_run, _add_config, _add_sim, _add_replay, _add_export, _add_train, _add_eval):
         add(sub)
     return parser
 

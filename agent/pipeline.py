@@ -11,17 +11,21 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
+
+import sqlite_utils
 
 from agent import metrics
-from agent.alert import AlertManager
-from agent.buffer import Buffer
-from agent.health import HealthMonitor
+from agent.alert import AlertConfig, AlertManager
+from agent.buffer import Buffer, BufferConfig
+from agent.bundle import Bundle
+from agent.health import HealthConfig, HealthMonitor
 from agent.parse import parse
 from agent.score import Scorer
-from agent.threshold import Thresholder
+from agent.threshold import ThresholdConfig, Thresholder, make_thresholder
 from agent.types import Event, Judgement, RawMessage, Reading, Reject, Window
-from agent.validate import Validator
-from agent.window import Windower
+from agent.validate import ValidationConfig, Validator
+from agent.window import WindowConfig, Windower
 
 log = logging.getLogger(__name__)
 
@@ -133,3 +137,77 @@ class Pipeline:
             key = f"{event.topic_kind}:{event.payload.get('state', '')}"
             self.stats.events[key] = self.stats.events.get(key, 0) + 1
             self._emit(event)
+
+
+@dataclass
+class StageSettings:
+    """The per-stage settings a pipeline needs: the live config's sections, or defaults for replay."""
+
+    gateway_id: str = "replay"
+    validation: ValidationConfig = field(default_factory=ValidationConfig)
+    buffer: BufferConfig = field(default_factory=BufferConfig)
+    window: WindowConfig = field(default_factory=WindowConfig)
+    threshold: ThresholdConfig = field(default_factory=ThresholdConfig)
+    alerts: AlertConfig = field(default_factory=AlertConfig)
+    health: HealthConfig = field(default_factory=HealthConfig)
+    threads: int = 1
+
+    @classmethod
+    def from_config(cls, config: Any) -> StageSettings:
+        """From an `agent.config.AgentConfig` (typed loosely to keep this module free of config)."""
+        return cls(
+            gateway_id=config.gateway.id,
+            validation=config.validation,
+            buffer=config.buffer,
+            window=config.window,
+            threshold=config.threshold,
+            alerts=config.alerts,
+            health=config.health,
+            threads=config.model.threads,
+        )
+
+
+def channel_norm(bundle: Bundle) -> dict[str, float] | None:
+    """Per-channel calibration error means, so attribution is not won by a naturally noisy channel."""
+    means = bundle.manifest.calibration.channel_error_mean
+    return dict(zip(bundle.manifest.channel_names(), means, strict=True)) if means else None
+
+
+def model_stages(
+    settings: StageSettings, bundle: Bundle, db: sqlite_utils.Database | None
+) -> tuple[Scorer, Windower, Thresholder]:
+    """The stages that depend on the model; rebuilt together when a new bundle is swapped in."""
+    scorer = Scorer(bundle, threads=settings.threads)
+    windower = Windower(
+        scorer.channels, scorer.window, scorer.stride, scorer.period, settings.window.max_gap_s
+    )
+    thresholder = make_thresholder(
+        settings.threshold, bundle.manifest.calibration.quantiles, db, model_id=bundle.model_id
+    )
+    return scorer, windower, thresholder
+
+
+def build_pipeline(
+    settings: StageSettings,
+    bundle: Bundle,
+    db: sqlite_utils.Database,
+    emit: Emit,
+    *,
+    on_judgement: Callable[[Judgement], None] | None = None,
+) -> Pipeline:
+    """One pipeline from settings + a verified bundle + an open database (live and replay alike)."""
+    buffer = Buffer(db, settings.buffer)
+    validator = Validator(settings.validation)
+    validator.restore(buffer.last_ts_by_device())
+    scorer, windower, thresholder = model_stages(settings, bundle, db)
+    return Pipeline(
+        validator=validator,
+        buffer=buffer,
+        scorer=scorer,
+        windower=windower,
+        thresholder=thresholder,
+        alerts=AlertManager(settings.alerts, settings.gateway_id, db, channel_norm=channel_norm(bundle)),
+        health=HealthMonitor(settings.health, settings.gateway_id),
+        emit=emit,
+        on_judgement=on_judgement,
+    )

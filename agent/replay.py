@@ -101,3 +101,181 @@ def _iso(ts: float) -> str:
     from datetime import UTC, datetime
 
     return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def replay(
+    recordings: Sequence[Recording],
+    pipeline_factory: Any,
+    *,
+    speed: float | None = None,
+    tick_every_s: float = 1.0,
+    progress: bool = False,
+) -> ReplayResult:
+    """Feed recordings through a pipeline built by `pipeline_factory(emit, on_judgement)`.
+
+    Health ticks run on data time every `tick_every_s`, as the live loop ticks on wall time.
+    """
+    result = ReplayResult(recordings=list(recordings))
+    pipeline = pipeline_factory(result.events.append, result.judgements.append)
+    total = sum(len(r) if r.arrived is None else int(r.arrived.sum()) for r in recordings)
+    readings: Iterator[Reading] = paced(iter_readings(recordings), speed)
+    bar = None
+    if progress and total > 50_000:
+        try:
+            from tqdm import tqdm
+
+            bar = tqdm(total=total, unit="reading", unit_scale=True, file=sys.stderr, leave=False)
+        except ImportError:  # tqdm is optional on a gateway
+            bar = None
+    t0 = time.perf_counter()
+    next_tick: float | None = None
+    n = 0
+    for reading in readings:
+        if next_tick is None:
+            next_tick = reading.ts + tick_every_s
+        while reading.ts >= next_tick:
+            pipeline.tick(next_tick)
+            next_tick += tick_every_s
+        pipeline.process_reading(reading, now=None, origin=reading.device)
+        n += 1
+        if bar is not None and n % 10_000 == 0:
+            bar.update(10_000)
+    pipeline.buffer.flush()
+    pipeline.thresholder.save()
+    pipeline.alerts.save()
+    if bar is not None:
+        bar.close()
+    result.readings = n
+    result.seconds = time.perf_counter() - t0
+    return result
+
+
+def _sqlite_recordings(
+    path: Path,
+    since: float | None,
+    until: float | None,
+    devices: Sequence[str] | None,
+    channels: Sequence[str],
+) -> list[Recording]:
+    """Readings of a time range from an agent's own database, one Recording per device."""
+    import numpy as np
+
+    from agent.buffer import Buffer, BufferConfig
+    from agent.db import open_db
+
+    db = open_db(path)
+    try:
+        buf = Buffer(db, BufferConfig())
+        out = []
+        for device in devices or buf.devices():
+            rows = buf.readings_between(
+                device,
+                since if since is not None else float("-inf"),
+                until if until is not None else float("inf"),
+            )
+            if not rows:
+                continue
+            ts = np.array([r.ts for r in rows], dtype=np.float64)
+            vals = np.array([[r.values.get(c, np.nan) for c in channels] for r in rows], dtype=np.float64)
+            out.append(Recording(device, list(channels), ts, vals, {}, str(path)))
+        return out
+    finally:
+        db.conn.close()
+
+
+def is_sqlite(path: Path) -> bool:
+    try:
+        with path.open("rb") as fh:
+            return fh.read(16) == b"SQLite format 3\x00"
+    except OSError:
+        return False
+
+
+def parse_time(text: str | None) -> float | None:
+    if text is None:
+        return None
+    from agent.recording import _parse_iso
+
+    try:
+        return float(text)
+    except ValueError:
+        return _parse_iso(text)
+
+
+def run_replay_cli(args: Any) -> int:
+    """`edgewatch replay`: the CLI is a thin layer over `replay()`."""
+    import tempfile
+
+    from agent.bundle import BundleError, load_bundle
+    from agent.db import open_db
+    from agent.pipeline import StageSettings, build_pipeline
+    from agent.recording import RecordingError
+
+    try:
+        bundle = load_bundle(args.model)
+    except BundleError as exc:
+        print(f"edgewatch replay: {exc}", file=sys.stderr)
+        return 3
+    settings = StageSettings()
+    if args.config:
+        from agent.config import ConfigError, load_config
+
+        try:
+            settings = StageSettings.from_config(load_config(args.config))
+        except ConfigError as exc:
+            print(f"edgewatch replay: {exc}", file=sys.stderr)
+            return 2
+    channels = bundle.manifest.channel_names()
+    since, until = parse_time(args.since), parse_time(args.until)
+    try:
+        recordings: list[Recording] = []
+        for p in map(Path, args.files):
+            if is_sqlite(p):
+                recordings += _sqlite_recordings(p, since, until, args.device, channels)
+            else:
+                recordings += [
+                    r
+                    for r in read_recording(p, channels=channels)
+                    if not args.device or r.device in args.device
+                ]
+    except (RecordingError, OSError) as exc:
+        print(f"edgewatch replay: {exc}", file=sys.stderr)
+        return 2
+    if not recordings:
+        print("edgewatch replay: no readings in the given files/range", file=sys.stderr)
+        return 2
+    speed = None if args.speed in (None, "max") else float(args.speed)
+
+    tmp = None
+    if args.db:
+        db_path = Path(args.db)
+    else:
+        tmp = tempfile.TemporaryDirectory(prefix="edgewatch-replay-")
+        db_path = Path(tmp.name) / "replay.db"
+    db = open_db(db_path)
+    out = open(args.events, "w") if args.events and args.events != "-" else sys.stdout  # noqa: SIM115
+    sink = JsonLines(out)
+    try:
+
+        def factory(emit: Any, on_judgement: Any) -> Any:
+            def both(event: Event) -> None:
+                emit(event)
+                if event.topic_kind in ("alert", "health"):
+                    sink(event)
+
+            return build_pipeline(settings, bundle, db, both, on_judgement=on_judgement)
+
+        result = replay(recordings, factory, speed=speed, progress=True)
+    finally:
+        db.conn.close()
+        if out is not sys.stdout:
+            out.close()
+    write_summary(result, sys.stderr)
+    if args.report:
+        from agent.report import write_replay_report
+
+        path = write_replay_report(result, Path(args.report), bundle)
+        print(f"report: {path}", file=sys.stderr)
+    if tmp is not None:
+        tmp.cleanup()
+    return 0

@@ -21,21 +21,14 @@ from typing import Any
 from apscheduler.schedulers.background import BackgroundScheduler
 
 from agent import __version__, metrics
-from agent.alert import AlertManager
-from agent.buffer import Buffer
-from agent.bundle import Bundle, BundleError, load_bundle
+from agent.bundle import BundleError, load_bundle
 from agent.config import AgentConfig, ConfigError, load_config
 from agent.db import open_db
-from agent.health import HealthMonitor
 from agent.notify import Notifier
-from agent.pipeline import Pipeline
-from agent.score import Scorer
+from agent.pipeline import StageSettings, build_pipeline, channel_norm, model_stages
 from agent.source import MqttSource, SerialSource, Source
-from agent.threshold import Thresholder, make_thresholder
 from agent.types import Event, RawMessage
 from agent.uplink import ConsoleSink, Outbox, Uplink
-from agent.validate import Validator
-from agent.window import Windower
 
 log = logging.getLogger("edgewatch")
 
@@ -87,45 +80,12 @@ class Agent:
         )
         self.console = ConsoleSink() if config.uplink.console else None
 
-        buffer = Buffer(self.db, config.buffer)
-        validator = Validator(config.validation)
-        validator.restore(buffer.last_ts_by_device())
-        scorer, windower, thresholder = self._model_stages(self.bundle)
-        self.pipeline = Pipeline(
-            validator=validator,
-            buffer=buffer,
-            scorer=scorer,
-            windower=windower,
-            thresholder=thresholder,
-            alerts=AlertManager(
-                config.alerts, config.gateway.id, self.db, channel_norm=self._channel_norm(self.bundle)
-            ),
-            health=HealthMonitor(config.health, config.gateway.id),
-            emit=self.emit,
-        )
+        self.settings = StageSettings.from_config(config)
+        self.pipeline = build_pipeline(self.settings, self.bundle, self.db, self.emit)
         self.sources = sources if sources is not None else [build_source(s) for s in config.sources]
         self.scheduler = BackgroundScheduler(daemon=True)
 
     # -- model --------------------------------------------------------------------------------
-    def _model_stages(self, bundle: Bundle) -> tuple[Scorer, Windower, Thresholder]:
-        scorer = Scorer(bundle, threads=self.config.model.threads)
-        windower = Windower(
-            scorer.channels, scorer.window, scorer.stride, scorer.period, self.config.window.max_gap_s
-        )
-        thresholder = make_thresholder(
-            self.config.threshold, bundle.manifest.calibration.quantiles, self.db, model_id=bundle.model_id
-        )
-        return scorer, windower, thresholder
-
-    @staticmethod
-    def _channel_norm(bundle: Bundle) -> dict[str, float] | None:
-        cal = bundle.manifest.calibration
-        means = getattr(cal, "channel_error_mean", None)
-        if not means:
-            return None
-        names = [c.name for c in bundle.manifest.channels]
-        return dict(zip(names, means, strict=False)) if isinstance(means, list) else dict(means)
-
     def check_model(self) -> None:
         """Scheduler job (runs in the main loop): swap in a new bundle after it verifies."""
         path = Path(self.config.model.path)
@@ -134,7 +94,7 @@ class Agent:
             return
         try:
             bundle = load_bundle(path)
-            stages = self._model_stages(bundle)
+            stages = model_stages(self.settings, bundle, self.db)
         except (BundleError, OSError, ValueError) as exc:
             log.error("new model bundle in %s refused, keeping %s: %s", path, self.bundle.model_id, exc)
             self._bundle_seen = seen  # do not retry the same broken files every interval
@@ -142,7 +102,7 @@ class Agent:
         self.pipeline.buffer.flush()
         self.pipeline.thresholder.save()
         self.pipeline.swap_scorer(*stages)
-        self.pipeline.alerts.channel_norm = self._channel_norm(bundle)
+        self.pipeline.alerts.channel_norm = channel_norm(bundle) or {}
         log.info("model swapped: %s -> %s", self.bundle.model_id, bundle.model_id)
         self.bundle = bundle
         self._bundle_seen = seen
@@ -161,9 +121,7 @@ class Agent:
             "model_id": self.bundle.model_id,
             "uptime_s": round(time.time() - self.started, 1),
             "outbox": {"depth": self.outbox.depth(), "dropped": self.outbox.dropped()},
-            "devices": sorted(self.pipeline.windower.devices())
-            if hasattr(self.pipeline.windower, "devices")
-            else [],
+            "devices": self.pipeline.windower.devices(),
         }
 
     # -- loop ---------------------------------------------------------------------------------
