@@ -1,0 +1,560 @@
+"""Security of the MQTT links, proven against a real mosquitto with TLS, passwords and an ACL.
+
+The broker here is set up the way docs/security.md tells an operator to set up a real one: TLS only,
+no anonymous clients, a hashed password file, an ACL that confines each gateway to its own topics.
+Certificates are generated per test session (tests/tls_util.py). Secrets reach the agent only through
+env vars and a $CREDENTIALS_DIRECTORY, as under systemd LoadCredential=.
+"""
+
+from __future__ import annotations
+
+import getpass
+import json
+import logging
+import re
+import shutil
+import ssl
+import threading
+import time
+import tomllib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import paho.mqtt.client as mqtt
+import pytest
+from conftest import Broker, free_port, make_broker
+from pydantic import ValidationError
+from tls_util import Pki, make_password_file, make_pki
+
+from agent.mqtt_client import MqttConnectionConfig, make_client
+from agent.types import Event
+from agent.uplink import Outbox, OutboxMessage, Uplink, UplinkConfig
+
+AGENT_DIR = Path(__file__).resolve().parents[1] / "agent"
+
+PASSWORDS = {
+    "gw-01": "gw-01 pass: with spaces & symbols",
+    "backend": "backend-pass",
+    "sensor-01": "sensor-pass",
+    "gw-01-source": "source-pass",
+}
+
+# Each line pair is what docs/security.md tells an operator to write for that role.
+ACL = """\
+# gateway gw-01 (its uplink): writes its own alerts, health and status; reads nothing
+user gw-01
+topic write edgewatch/gw-01/#
+
+# the back end: reads what every gateway sends
+user backend
+topic read edgewatch/#
+
+# a sensor publishing telemetry for the gateway's MQTT source
+user sensor-01
+topic write edgewatch/sensors/+/telemetry
+
+# the gateway's MQTT source: reads telemetry, nothing else
+user gw-01-source
+topic read edgewatch/sensors/+/telemetry
+"""
+
+
+def wait_for(pred: Callable[[], bool], timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if pred():
+            return True
+        time.sleep(0.01)
+    return pred()
+
+
+# -- the broker -----------------------------------------------------------------------------------
+
+
+@dataclass
+class SecureBroker:
+    """mosquitto with three TLS listeners sharing one password file and ACL:
+
+    - `broker.port` (127.0.0.1): TLS + password;
+    - `mtls_port` (127.0.0.1): TLS + password + a client certificate from our CA (require_certificate);
+    - `alias_port` (bound to 127.0.0.2, which the server certificate does not name): host name check.
+    """
+
+    broker: Broker
+    mtls_port: int
+    alias_port: int
+    pki: Pki
+
+    @property
+    def port(self) -> int:
+        return self.broker.port
+
+    def conn(self, **kw: object) -> MqttConnectionConfig:
+        """Connection settings for the TLS + password listener, trusting the test CA (override any)."""
+        args: dict[str, object] = {
+            "host": "127.0.0.1",
+            "port": self.port,
+            "tls": True,
+            "tls_ca_file": self.pki.ca.cert,
+            "reconnect_min_s": 0.05,
+            "reconnect_max_s": 0.3,
+        }
+        args.update(kw)
+        return MqttConnectionConfig.model_validate(args)
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
+    return make_pki(tmp_path_factory.mktemp("pki"))
+
+
+@pytest.fixture
+def secure_broker(tmp_path: Path, pki: Pki) -> Iterator[SecureBroker]:
+    pw = make_password_file(tmp_path / "passwd", PASSWORDS)
+    acl = tmp_path / "acl"
+    acl.write_text(ACL)
+    tls = f"cafile {pki.ca.cert}\ncertfile {pki.server.cert}\nkeyfile {pki.server.key}\ntls_version tlsv1.2\n"
+    mtls_port, alias_port = free_port(), free_port()
+    # make_broker's first `listener` line is still the current listener when extra_conf starts, so the
+    # first TLS block applies to it: the broker has no plaintext port at all. `user` keeps mosquitto
+    # from dropping to the `mosquitto` account (when the tests run as root), which could not read tmp_path.
+    extra = (
+        f"user {getpass.getuser()}\nallow_anonymous false\npassword_file {pw}\nacl_file {acl}\n{tls}"
+        f"listener {mtls_port} 127.0.0.1\n{tls}require_certificate true\n"
+        f"listener {alias_port} 127.0.0.2\n{tls}"
+    )
+    b = make_broker(tmp_path, extra)
+    b.start()
+    yield SecureBroker(b, mtls_port, alias_port, pki)
+    b.stop()
+
+
+class Subscriber:
+    """A test-side MQTT client (built by the agent's own make_client) recording what it receives."""
+
+    def __init__(self, conn: MqttConnectionConfig, topic: str, client_id: str) -> None:
+        self.messages: list[tuple[str, bytes]] = []
+        self._lock = threading.Lock()
+        self._subscribed = threading.Event()
+        self.client = make_client(conn, client_id, clean_start=True)
+        self.client.on_message = self._on_message
+        self.client.on_subscribe = lambda *a: self._subscribed.set()
+        self.client.on_connect = lambda c, *a: c.subscribe(topic, qos=1)
+        self.client.loop_start()
+        assert self._subscribed.wait(10), "subscription not acknowledged"
+
+    def _on_message(self, client: mqtt.Client, userdata: object, m: mqtt.MQTTMessage) -> None:
+        with self._lock:
+            self.messages.append((m.topic, m.payload))
+
+    def topics(self) -> list[str]:
+        with self._lock:
+            return [t for t, _ in self.messages]
+
+    def round_trip(self, topic: str) -> None:
+        """A QoS 1 publish and its PUBACK on this connection. Anything the broker routed to us before
+        it read this publish is in our socket ahead of the PUBACK, so once this returns, a message that
+        was going to reach us has reached us (proves an absence without a sleep)."""
+        self.client.publish(topic, b"ping", qos=1).wait_for_publish(10)
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
+def connected_client(conn: MqttConnectionConfig, client_id: str) -> mqtt.Client:
+    """A started client that has its CONNACK (publishing before it would race the connect)."""
+    client = make_client(conn, client_id, clean_start=True)
+    up = threading.Event()
+    client.on_connect = lambda c, u, f, rc, p: up.set() if not rc.is_failure else None
+    client.loop_start()
+    assert up.wait(10), f"{client_id} could not connect"
+    return client
+
+
+def backend(sb: SecureBroker, topic: str = "edgewatch/#") -> Subscriber:
+    return Subscriber(sb.conn(username="backend", password=PASSWORDS["backend"]), topic, "ew-backend")
+
+
+def alert(device: str, i: int) -> Event:
+    return Event("alert", device, {"v": 1, "type": "alert", "msg_id": f"{device}:{i}", "seq": i})
+
+
+@pytest.fixture
+def uplinks(db_path: Path) -> Iterator[Callable[..., Uplink]]:
+    """Uplink factory over a real outbox file; stops and closes everything it made."""
+    made: list[Uplink] = []
+
+    def make(conn: MqttConnectionConfig, path: Path = db_path, gateway: str = "gw-01") -> Uplink:
+        up = Uplink(UplinkConfig(mqtt=conn, shutdown_flush_s=0), Outbox(path), gateway)
+        made.append(up)
+        return up
+
+    yield make
+    for up in made:
+        up.stop(timeout=1)
+        up.outbox.close()
+
+
+def gateway_env(monkeypatch: pytest.MonkeyPatch, password: str = PASSWORDS["gw-01"]) -> None:
+    monkeypatch.setenv("EW_MQTT_PASSWORD", password)
+
+
+# -- delivery over TLS with secrets from env and credentials ---------------------------------------
+
+UPLINK_TOML = """
+[uplink.mqtt]
+host = "127.0.0.1"
+port = {port}
+protocol = "{protocol}"
+tls = true
+tls_ca_file = "{ca}"
+username = "gw-01"
+password_env = "EW_MQTT_PASSWORD"
+reconnect_min_s = 0.05
+reconnect_max_s = 0.3
+"""
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("protocol", ["3.1.1", "5"])
+def test_uplink_delivers_over_tls_with_password_from_env(
+    secure_broker: SecureBroker, uplinks, monkeypatch: pytest.MonkeyPatch, protocol: str
+) -> None:
+    text = UPLINK_TOML.format(port=secure_broker.port, protocol=protocol, ca=secure_broker.pki.ca.cert)
+    conn = UplinkConfig.model_validate(tomllib.loads(text)["uplink"]).mqtt
+    gateway_env(monkeypatch)
+    assert PASSWORDS["gw-01"] not in text and conn.password is None  # the file names the variable only
+
+    sub = backend(secure_broker)
+    try:
+        up = uplinks(conn)
+        assert up.enqueue(alert("pump-01", 1))
+        up.start()
+        assert wait_for(lambda: "edgewatch/gw-01/pump-01/alert" in sub.topics())
+        assert wait_for(lambda: up.outbox.depth() == 0)  # PUBACK over TLS deleted it
+        got = [json.loads(p) for t, p in sub.messages if t.endswith("/alert")]
+        assert got == [{"v": 1, "type": "alert", "msg_id": "pump-01:1", "seq": 1}]
+    finally:
+        sub.close()
+
+
+@pytest.mark.timeout(30)
+def test_uplink_mutual_tls_with_secrets_from_credentials_directory(
+    secure_broker: SecureBroker, uplinks, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Password and client key both come from $CREDENTIALS_DIRECTORY (systemd LoadCredential=)."""
+    creds = tmp_path / "credentials"
+    creds.mkdir(mode=0o700)
+    (creds / "mqtt-password").write_text(PASSWORDS["gw-01"] + "\n")
+    shutil.copy(secure_broker.pki.client.key, creds / "mqtt-tls-key")
+    monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(creds))
+    conn = secure_broker.conn(
+        port=secure_broker.mtls_port,
+        username="gw-01",
+        password_credential="mqtt-password",
+        tls_cert_file=secure_broker.pki.client.cert,
+        tls_key_credential="mqtt-tls-key",
+    )
+    assert conn.tls_key_file is None and conn.password is None
+
+    sub = backend(secure_broker)
+    try:
+        up = uplinks(conn)
+        assert up.enqueue(alert("pump-01", 1))
+        up.start()
+        assert wait_for(lambda: "edgewatch/gw-01/pump-01/alert" in sub.topics())
+        assert wait_for(lambda: up.outbox.depth() == 0)
+    finally:
+        sub.close()
+
+
+# -- refused connections keep the message ---------------------------------------------------------
+
+
+def assert_never_delivered(up: Uplink, caplog: pytest.LogCaptureFixture, reason: str) -> None:
+    """The uplink tried at least twice, failed for `reason`, and never published the queued alert."""
+    assert wait_for(lambda: up._fail_streak >= 2), "the uplink never failed a connection attempt"
+    assert not up.connected
+    rows = up.outbox.peek(10)
+    assert [r.msg_id for r in rows] == ["pump-01:1"]
+    assert rows[0].attempts == 0  # never even published: no CONNACK came
+    logged = " ".join(r.getMessage() for r in caplog.records if r.name == "agent.uplink")
+    assert re.search(reason, logged, re.IGNORECASE), logged
+
+
+@pytest.mark.timeout(30)
+def test_wrong_ca_fails_and_the_outbox_keeps_the_message(
+    secure_broker: SecureBroker, uplinks, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="agent.uplink")
+    gateway_env(monkeypatch)
+    sub = backend(secure_broker)
+    try:
+        wrong = uplinks(
+            secure_broker.conn(
+                tls_ca_file=secure_broker.pki.other_ca.cert, username="gw-01", password_env="EW_MQTT_PASSWORD"
+            )
+        )
+        wrong.enqueue(alert("pump-01", 1))
+        wrong.start()
+        assert_never_delivered(wrong, caplog, "certificate verify failed")
+        wrong.stop(timeout=1)
+        wrong.outbox.close()
+
+        # The same outbox with the right CA delivers it: the CA alone made the difference.
+        right = uplinks(secure_broker.conn(username="gw-01", password_env="EW_MQTT_PASSWORD"))
+        right.start()
+        assert wait_for(lambda: "edgewatch/gw-01/pump-01/alert" in sub.topics())
+        assert wait_for(lambda: right.outbox.depth() == 0)
+    finally:
+        sub.close()
+
+
+@pytest.mark.timeout(30)
+def test_host_name_not_in_the_certificate_fails(
+    secure_broker: SecureBroker, uplinks, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A certificate from the right CA for another name is refused (check_hostname really applies)."""
+    caplog.set_level(logging.WARNING, logger="agent.uplink")
+    gateway_env(monkeypatch)
+    up = uplinks(
+        secure_broker.conn(
+            host="127.0.0.2", port=secure_broker.alias_port, username="gw-01", password_env="EW_MQTT_PASSWORD"
+        )
+    )
+    up.enqueue(alert("pump-01", 1))
+    up.start()
+    assert_never_delivered(up, caplog, "IP address mismatch|hostname mismatch")
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize(
+    ("user", "password"),
+    [("gw-01", "not-the-password"), ("gw-99", PASSWORDS["gw-01"]), (None, None)],
+    ids=["wrong-password", "unknown-user", "anonymous"],
+)
+def test_bad_credentials_are_refused_and_the_outbox_keeps_the_message(
+    secure_broker: SecureBroker,
+    uplinks,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    user: str | None,
+    password: str | None,
+) -> None:
+    caplog.set_level(logging.WARNING, logger="agent.uplink")
+    kw: dict[str, object] = {}
+    if user is not None:
+        gateway_env(monkeypatch, password or "")
+        kw = {"username": user, "password_env": "EW_MQTT_PASSWORD"}
+    up = uplinks(secure_broker.conn(**kw))
+    up.enqueue(alert("pump-01", 1))
+    up.start()
+    assert_never_delivered(up, caplog, "refused the connection: not authori[sz]ed")
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("which", ["none", "foreign-ca"])
+def test_mtls_listener_refuses_a_client_without_our_certificate(
+    secure_broker: SecureBroker,
+    uplinks,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    which: str,
+) -> None:
+    """A valid password is not enough where require_certificate is on."""
+    caplog.set_level(logging.WARNING, logger="agent.uplink")
+    gateway_env(monkeypatch)
+    kw: dict[str, object] = {
+        "port": secure_broker.mtls_port,
+        "username": "gw-01",
+        "password_env": "EW_MQTT_PASSWORD",
+    }
+    if which == "foreign-ca":
+        kw |= {
+            "tls_cert_file": secure_broker.pki.other_client.cert,
+            "tls_key_file": secure_broker.pki.other_client.key,
+        }
+    up = uplinks(secure_broker.conn(**kw))
+    up.enqueue(alert("pump-01", 1))
+    up.start()
+    # TLS 1.3 finishes the client's side of the handshake before the server checks the client
+    # certificate, so the failure shows as a lost connection (or a failed handshake under TLS 1.2).
+    assert_never_delivered(up, caplog, "lost|certificate|alert|handshake")
+
+
+# -- the ACL ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("protocol", ["3.1.1", "5"])
+def test_acl_refuses_a_publish_to_another_gateways_topic(
+    secure_broker: SecureBroker, uplinks, monkeypatch: pytest.MonkeyPatch, protocol: str
+) -> None:
+    """gw-01's credentials cannot write under edgewatch/gw-02/, even through its own outbox."""
+    gateway_env(monkeypatch)
+    sub = backend(secure_broker)
+    try:
+        up = uplinks(secure_broker.conn(username="gw-01", password_env="EW_MQTT_PASSWORD", protocol=protocol))
+        foreign = "edgewatch/gw-02/pump-01/alert"
+        payload = json.dumps({"v": 1, "type": "alert", "msg_id": "forged"}).encode()
+        assert up.outbox.put(OutboxMessage("forged", foreign, payload, device="pump-01"))
+        assert up.enqueue(alert("pump-01", 1))  # queued after the forged one, sent after it in order
+        up.start()
+        assert wait_for(lambda: "edgewatch/gw-01/pump-01/alert" in sub.topics())
+        sub.round_trip("edgewatch/backend-ping")  # flush anything routed to us before
+        assert foreign not in sub.topics()
+        assert all(not t.startswith("edgewatch/gw-02/") for t in sub.topics())
+        if protocol == "5":
+            # MQTT 5 tells the client: PUBACK "Not authorized", so the uplink keeps the row.
+            assert wait_for(lambda: [r.msg_id for r in up.outbox.peek(10)] == ["forged"])
+        else:
+            # MQTT 3.1.1 has no way to say no: mosquitto acknowledges and drops the message silently.
+            assert wait_for(lambda: up.outbox.depth() == 0)
+    finally:
+        sub.close()
+
+
+@pytest.mark.timeout(30)
+def test_gateway_credentials_read_nothing(secure_broker: SecureBroker) -> None:
+    """A stolen gateway password does not let anyone read other gateways' alerts or the telemetry."""
+    spy = Subscriber(secure_broker.conn(username="gw-01", password=PASSWORDS["gw-01"]), "#", "ew-spy")
+    sub = backend(secure_broker)
+    gw = connected_client(secure_broker.conn(username="gw-01", password=PASSWORDS["gw-01"]), "ew-gw")
+    sensor = connected_client(
+        secure_broker.conn(username="sensor-01", password=PASSWORDS["sensor-01"]), "ew-s1"
+    )
+    try:
+        # gw-01 publishes an alert and a sensor its telemetry: the backend reads both, the spy (with
+        # gw-01's credentials) reads neither, not even gw-01's own alert.
+        gw.publish("edgewatch/gw-01/pump-01/alert", b"{}", qos=1).wait_for_publish(10)
+        sensor.publish("edgewatch/sensors/pump-01/telemetry", b"{}", qos=1).wait_for_publish(10)
+        assert wait_for(lambda: len(sub.topics()) >= 2)
+        spy.round_trip("edgewatch/gw-01/ping")
+        assert spy.topics() == []
+    finally:
+        for c in (gw, sensor):
+            c.disconnect()
+            c.loop_stop()
+        spy.close()
+        sub.close()
+
+
+# -- the MQTT source over TLS ---------------------------------------------------------------------
+
+
+@pytest.mark.timeout(30)
+def test_mqtt_source_receives_telemetry_over_tls(
+    secure_broker: SecureBroker, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    source_mod = pytest.importorskip("agent.source", reason="agent/source.py is not in the tree yet")
+    creds = tmp_path / "credentials"
+    creds.mkdir(mode=0o700)
+    (creds / "mqtt-source-password").write_text(PASSWORDS["gw-01-source"])
+    monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(creds))
+    conn = secure_broker.conn(username="gw-01-source", password_credential="mqtt-source-password")
+    cfg = source_mod.MqttSourceConfig.model_validate(
+        {"type": "mqtt", "name": "mqtt-tls", "mqtt": conn.model_dump(), "client_id": "ew-gw-01-source"}
+    )
+    received: list = []
+    source = source_mod.MqttSource(cfg)
+    sensor = connected_client(
+        secure_broker.conn(username="sensor-01", password=PASSWORDS["sensor-01"]), "ew-s1"
+    )
+    source.start(received.append)
+    try:
+        line = {"device": "pump-01", "ts_ms": 1_700_000_000_000, "seq": 1, "temperature": 40.0}
+        deadline = time.monotonic() + 15
+        # Publish until the source (subscribed in the background) has one: no fixed sleep.
+        while not received and time.monotonic() < deadline:
+            sensor.publish("edgewatch/sensors/pump-01/telemetry", json.dumps(line), qos=1).wait_for_publish(5)
+            wait_for(lambda: bool(received), 0.3)
+        assert received, "the source received no telemetry over TLS"
+        assert received[0].payload == json.dumps(line).encode()
+    finally:
+        source.stop()
+        sensor.disconnect()
+        sensor.loop_stop()
+
+
+# -- no insecure switch ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "key",
+    ["tls_insecure", "insecure", "tls_verify", "verify", "tls_check_hostname", "check_hostname", "cert_reqs"],
+)
+def test_no_insecure_tls_switch_is_accepted(key: str) -> None:
+    with pytest.raises(ValidationError, match="Extra inputs are not permitted"):
+        MqttConnectionConfig.model_validate({"tls": True, key: "verify" not in key})  # the insecure value
+    with pytest.raises(ValidationError, match="Extra inputs are not permitted"):
+        UplinkConfig.model_validate({"mqtt": {"tls": True, key: "verify" not in key}})
+    assert not any(
+        word in name
+        for name in MqttConnectionConfig.model_fields
+        for word in ("insecure", "verify", "hostname")
+    )
+
+
+def test_every_tls_context_verifies_the_server(
+    pki: Pki, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(tmp_path))
+    shutil.copy(pki.client.key, tmp_path / "key")
+    configs = [
+        MqttConnectionConfig(tls=True),
+        MqttConnectionConfig(tls=True, tls_ca_file=pki.ca.cert),
+        MqttConnectionConfig(
+            tls=True, tls_ca_file=pki.ca.cert, tls_cert_file=pki.client.cert, tls_key_file=pki.client.key
+        ),
+        MqttConnectionConfig(tls=True, tls_cert_file=pki.client.cert, tls_key_credential="key"),
+    ]
+    for conn in configs:
+        ctx = conn.ssl_context()
+        assert ctx.verify_mode == ssl.CERT_REQUIRED
+        assert ctx.check_hostname is True
+        assert ctx.minimum_version >= ssl.TLSVersion.TLSv1_2
+
+
+# -- nothing is unpickled, nothing turns verification off -----------------------------------------
+
+FORBIDDEN = {
+    "pickle (arbitrary code on load)": r"\b(?:c?pickle|dill|shelve)\b",
+    "joblib (pickle underneath)": r"\bjoblib\b",
+    "torch.load (pickle underneath; no torch on the gateway)": r"\btorch\s*\.\s*load\b",
+    "numpy.load with allow_pickle=True": r"\ballow_pickle\s*=\s*True\b",
+    "marshal.loads": r"\bmarshal\b",
+    "TLS verification turned off": r"CERT_NONE|check_hostname\s*=\s*False|tls_insecure_set|_create_unverified_context",
+}
+
+
+def forbidden_uses(text: str) -> list[str]:
+    return [what for what, pattern in FORBIDDEN.items() if re.search(pattern, text)]
+
+
+def test_scanner_catches_each_forbidden_pattern() -> None:
+    """The scan below is only worth something if it can fail."""
+    samples = {
+        "import pickle": "pickle",
+        "from joblib import load": "joblib",
+        "m = torch.load(path)": "torch.load",
+        "np.load(f,\n        allow_pickle=True)": "allow_pickle",
+        "import marshal": "marshal",
+        "ctx.verify_mode = ssl.CERT_NONE": "TLS",
+        "client.tls_insecure_set(True)": "TLS",
+    }
+    for text, expect in samples.items():
+        found = forbidden_uses(text)
+        assert found and expect in found[0], (text, found)
+    assert (
+        forbidden_uses("np.load(f)  # allow_pickle defaults to False\nonnxruntime.InferenceSession(p)") == []
+    )
+
+
+def test_agent_never_unpickles_or_disables_tls_verification() -> None:
+    """Model bundles are ONNX + JSON only; a pickle-based loader would run code from a tampered bundle."""
+    files = sorted(AGENT_DIR.rglob("*.py"))
+    assert len(files) > 10, f"agent sources not found under {AGENT_DIR}"
+    hits = {str(p.relative_to(AGENT_DIR.parent)): forbidden_uses(p.read_text()) for p in files}
+    assert {p: h for p, h in hits.items() if h} == {}
