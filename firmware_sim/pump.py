@@ -70,15 +70,15 @@ def device_params(seed: int, device: int) -> PumpParams:
     r = np.random.default_rng([seed, device, 0xA11])
     u = r.uniform
     return PumpParams(
-        p_suction=u(0.2, 0.45),
-        p_gain=u(4.2, 5.0),
+        p_suction=u(0.25, 0.4),
+        p_gain=u(4.35, 4.75),
         v_idle=u(0.05, 0.12),
-        v_base=u(1.6, 2.5),
-        amb_mean=u(17.0, 26.0),
-        amb_amp=u(2.5, 6.0),
+        v_base=u(1.8, 2.3),
+        amb_mean=u(19.0, 25.0),
+        amb_amp=u(3.0, 5.5),
         amb_peak_hour=u(13.5, 16.5),
-        t_rise=u(14.0, 22.0),
-        tau_thermal=u(900.0, 1500.0),
+        t_rise=u(16.0, 20.0),
+        tau_thermal=u(1000.0, 1400.0),
         tau_speed=u(5.0, 12.0),
         run_mean=u(2.0, 4.5) * 3600,
         stop_mean=u(12.0, 40.0) * 60,
@@ -164,7 +164,6 @@ class _DutySchedule:
         self.start_s = start_s  # epoch seconds of t=0, for the daytime load bump
         self.starts: list[float] = []
         self.loads: list[float] = []
-        self._t = 0.0
         self._gen = self._segments()
 
     def _load(self, t: float) -> float:
@@ -249,7 +248,7 @@ class PumpSim:
         self.s_speed = first
         self.s_temp = amb0 + self.p.t_rise * first**1.5
         self.s_run = 1.0 if first > 0 else 0.0
-        self.s_wander = {"amb": 0.0, "t": 0.0, "v": 0.0, "p": 0.0}
+        self.s_wander = {"amb": 0.0, "t": 0.0, "v": 0.0, "p": 0.0, "leak": 0.0}
         self.stuck: dict[int, float] = {}  # sensor-fault index -> frozen value
 
     def _ambient_cycle(self, t: np.ndarray) -> np.ndarray:
@@ -296,7 +295,7 @@ class PumpSim:
 
         # Pressure: affinity law, minus seal leak and cavitation losses.
         cav = sev["cavitation"] * np.clip((speed - 0.6) / 0.4, 0.0, 1.0) ** 1.5
-        leak = sev["seal_leak"] * (0.12 + 0.22 * run_age) * running
+        leak = sev["seal_leak"] * (0.15 + 0.25 * run_age) * running
         p_dyn = p.p_gain * speed**2 * (1.0 - leak)
         cav_fluct = np.abs(rng.standard_normal(n))
         p_w, w["p"] = _ar_noise(rng, n, self._alpha(30.0), w["p"])
@@ -307,6 +306,16 @@ class PumpSim:
             + (p.noise_p + 0.05 * sev["cavitation"] * running) * rng.standard_normal(n)
             + 0.02 * speed * p_w
         )
+        # A worn seal leaks unsteadily: pressure jitters for seconds at a time. Its own generator, so
+        # the streams above (and every `normal` recording) stay exactly what they were.
+        extra = np.random.default_rng([self.seed, self.device, self.block_index, 0x5EA1])
+        sl = sev["seal_leak"] * running
+        leak_w, w["leak"] = _ar_noise(extra, n, self._alpha(6.0), w["leak"])
+        spurt_p = np.minimum(1.0, 0.03 * sl * self.dt)  # about one spurt per 30 s at full severity
+        spurts = (extra.random(n) < spurt_p) * extra.uniform(0.5, 1.5, n) * sl
+        kernel = np.exp(-np.arange(int(40 * self.rate) + 1) / (8.0 * self.rate))
+        pressure -= np.convolve(spurts, kernel)[:n] + 0.0
+        pressure += 0.25 * sl * leak_w
 
         # Vibration: healthy level ~ speed^2, multiplicative noise, plus fault components.
         v_w, w["v"] = _ar_noise(rng, n, self._alpha(60.0), w["v"])

@@ -176,6 +176,9 @@ def test_seal_leak_lowers_pressure_at_equal_load(normal, faulty) -> None:
     m = hours_mask(c, 6, HOURS) & running(normal)
     rel = (c.pressure[m] - normal.pressure[m]) / normal.pressure[m]
     assert np.mean(rel) < -0.15
+    # ... and unsteadily: the leak spurts, so pressure jitters far more than a healthy pump's.
+    jitter = np.std(np.diff(c.pressure[m])) / np.std(np.diff(normal.pressure[m]))
+    assert jitter > 3.0
     # Vibration is not what reveals a seal leak.
     assert abs(np.mean(c.vibration[m] - normal.vibration[m])) < 0.05
 
