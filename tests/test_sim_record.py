@@ -183,3 +183,19 @@ def test_mixed_has_sensor_faults_on_every_device() -> None:
     for d in range(3):
         fs = sorted(sc.sensor_faults_of(d), key=lambda f: f.start)
         assert fs[0].start + fs[0].duration <= fs[1].start  # no overlap on one device
+
+
+def test_recording_equals_simulation_arrays(tmp_path: Path) -> None:
+    """The file carries exactly the simulated numbers (the streams are checked against the same)."""
+    path = record_cli(
+        tmp_path / "eq.csv",
+        *("--seed", "6", "--devices", "2", "--duration", "5000", "--scenario", "mixed"),
+        *("--start", "2025-12-01T00:00:00Z"),
+    )
+    rows = [r for r in read_rows(path) if r["device"] == "pump-02"]
+    c = simulate(6, 1, build_scenario("mixed", 2, 5000, seed=6), START, 5000)
+    assert len(rows) == len(c) == 5000
+    for ch in ("temperature", "vibration", "pressure"):
+        got = np.array([float(r[ch]) if r[ch] else np.nan for r in rows])
+        np.testing.assert_array_equal(got, getattr(c, ch))
+    assert [r["sensor_fault"] for r in rows] == [SENSOR_FAULT_LABELS[i] for i in c.sensor_fault]
