@@ -60,6 +60,21 @@ topic read edgewatch/sensors/+/telemetry
 """
 
 
+# The fleet form (docs/security.md): one `pattern` line confines every gateway whose user name is its id.
+PATTERN_ACL = """\
+pattern write edgewatch/%u/#
+
+user backend
+topic read edgewatch/#
+
+user sensor-01
+topic write edgewatch/sensors/+/telemetry
+"""
+ACLS = pytest.mark.parametrize(
+    "secure_broker", [ACL, PATTERN_ACL], ids=["per-user-acl", "pattern-acl"], indirect=True
+)
+
+
 def wait_for(pred: Callable[[], bool], timeout: float = 10.0) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -113,10 +128,11 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
 
 
 @pytest.fixture
-def secure_broker(tmp_path: Path, pki: Pki) -> Iterator[SecureBroker]:
+def secure_broker(request: pytest.FixtureRequest, tmp_path: Path, pki: Pki) -> Iterator[SecureBroker]:
+    """The broker with the ACL above, or the one given by indirect parametrization."""
     pw = make_password_file(tmp_path / "passwd", PASSWORDS)
     acl = tmp_path / "acl"
-    acl.write_text(ACL)
+    acl.write_text(getattr(request, "param", ACL))
     tls = f"cafile {pki.ca.cert}\ncertfile {pki.server.cert}\nkeyfile {pki.server.key}\ntls_version tlsv1.2\n"
     mtls_port, alias_port = free_port(), free_port()
     # make_broker's first `listener` line is still the current listener when extra_conf starts, so the
@@ -208,7 +224,7 @@ def gateway_env(monkeypatch: pytest.MonkeyPatch, password: str = PASSWORDS["gw-0
 
 UPLINK_TOML = """
 [uplink.mqtt]
-host = "127.0.0.1"
+host = "{host}"
 port = {port}
 protocol = "{protocol}"
 tls = true
@@ -221,11 +237,16 @@ reconnect_max_s = 0.3
 
 
 @pytest.mark.timeout(30)
-@pytest.mark.parametrize("protocol", ["3.1.1", "5"])
+@pytest.mark.parametrize(
+    ("host", "protocol"), [("127.0.0.1", "3.1.1"), ("127.0.0.1", "5"), ("localhost", "5")]
+)
 def test_uplink_delivers_over_tls_with_password_from_env(
-    secure_broker: SecureBroker, uplinks, monkeypatch: pytest.MonkeyPatch, protocol: str
+    secure_broker: SecureBroker, uplinks, monkeypatch: pytest.MonkeyPatch, host: str, protocol: str
 ) -> None:
-    text = UPLINK_TOML.format(port=secure_broker.port, protocol=protocol, ca=secure_broker.pki.ca.cert)
+    """The certificate names both 127.0.0.1 (IP SAN) and localhost (DNS SAN); both verify."""
+    text = UPLINK_TOML.format(
+        host=host, port=secure_broker.port, protocol=protocol, ca=secure_broker.pki.ca.cert
+    )
     conn = UplinkConfig.model_validate(tomllib.loads(text)["uplink"]).mqtt
     gateway_env(monkeypatch)
     assert PASSWORDS["gw-01"] not in text and conn.password is None  # the file names the variable only
@@ -395,6 +416,7 @@ def test_mtls_listener_refuses_a_client_without_our_certificate(
 
 @pytest.mark.timeout(30)
 @pytest.mark.parametrize("protocol", ["3.1.1", "5"])
+@ACLS
 def test_acl_refuses_a_publish_to_another_gateways_topic(
     secure_broker: SecureBroker, uplinks, monkeypatch: pytest.MonkeyPatch, protocol: str
 ) -> None:
@@ -423,6 +445,7 @@ def test_acl_refuses_a_publish_to_another_gateways_topic(
 
 
 @pytest.mark.timeout(30)
+@ACLS
 def test_gateway_credentials_read_nothing(secure_broker: SecureBroker) -> None:
     """A stolen gateway password does not let anyone read other gateways' alerts or the telemetry."""
     spy = Subscriber(secure_broker.conn(username="gw-01", password=PASSWORDS["gw-01"]), "#", "ew-spy")
