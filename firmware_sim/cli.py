@@ -14,7 +14,7 @@ from datetime import UTC, datetime
 from pydantic import ValidationError
 
 from firmware_sim.config import SimConfig
-from firmware_sim.scenario import BUILDERS, DESCRIPTIONS, build_scenario
+from firmware_sim.scenario import BUILDERS, DESCRIPTIONS, Scenario, build_scenario
 
 DAY = 86400.0
 
@@ -75,7 +75,7 @@ def _config(args: argparse.Namespace, start_ms: int, duration: float | None) -> 
         raise SystemExit(f"edgewatch sim: invalid arguments:\n{e}") from None
 
 
-def _scenario(cfg: SimConfig):
+def _scenario(cfg: SimConfig) -> Scenario:
     horizon = cfg.duration if cfg.duration is not None else DAY
     return build_scenario(cfg.scenario, cfg.devices, horizon, cfg.fault_after, cfg.degradation, cfg.seed)
 

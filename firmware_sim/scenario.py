@@ -108,7 +108,9 @@ def _single_sensor(kind: str) -> Builder:
     return build
 
 
-def _normal(devices: int, horizon: float, fault_after: float | None, degradation: float | None, seed: int):
+def _normal(
+    devices: int, horizon: float, fault_after: float | None, degradation: float | None, seed: int
+) -> Scenario:
     return Scenario("normal", DESCRIPTIONS["normal"])
 
 
