@@ -241,9 +241,15 @@ reconnect_max_s = 0.3
     ("host", "protocol"), [("127.0.0.1", "3.1.1"), ("127.0.0.1", "5"), ("localhost", "5")]
 )
 def test_uplink_delivers_over_tls_with_password_from_env(
-    secure_broker: SecureBroker, uplinks, monkeypatch: pytest.MonkeyPatch, host: str, protocol: str
+    secure_broker: SecureBroker,
+    uplinks,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    host: str,
+    protocol: str,
 ) -> None:
     """The certificate names both 127.0.0.1 (IP SAN) and localhost (DNS SAN); both verify."""
+    caplog.set_level(logging.DEBUG)
     text = UPLINK_TOML.format(
         host=host, port=secure_broker.port, protocol=protocol, ca=secure_broker.pki.ca.cert
     )
@@ -260,6 +266,7 @@ def test_uplink_delivers_over_tls_with_password_from_env(
         assert wait_for(lambda: up.outbox.depth() == 0)  # PUBACK over TLS deleted it
         got = [json.loads(p) for t, p in sub.messages if t.endswith("/alert")]
         assert got == [{"v": 1, "type": "alert", "msg_id": "pump-01:1", "seq": 1}]
+        assert_no_secret_logged(caplog)
     finally:
         sub.close()
 
@@ -306,6 +313,33 @@ def assert_never_delivered(up: Uplink, caplog: pytest.LogCaptureFixture, reason:
     assert rows[0].attempts == 0  # never even published: no CONNACK came
     logged = " ".join(r.getMessage() for r in caplog.records if r.name == "agent.uplink")
     assert re.search(reason, logged, re.IGNORECASE), logged
+    assert_no_secret_logged(caplog)
+
+
+def assert_no_secret_logged(caplog: pytest.LogCaptureFixture) -> None:
+    text = "\n".join(r.getMessage() for r in caplog.records)
+    assert not [user for user, pw in PASSWORDS.items() if pw in text]
+
+
+@pytest.mark.timeout(30)
+def test_missing_secret_is_named_and_picked_up_at_the_next_connect(
+    secure_broker: SecureBroker, uplinks, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A secret is read at each connect: provide it late (or rotate it) and no restart is needed."""
+    caplog.set_level(logging.DEBUG)
+    monkeypatch.delenv("EW_MQTT_PASSWORD", raising=False)
+    sub = backend(secure_broker)
+    try:
+        up = uplinks(secure_broker.conn(username="gw-01", password_env="EW_MQTT_PASSWORD"))
+        up.enqueue(alert("pump-01", 1))
+        up.start()
+        assert_never_delivered(up, caplog, "env var EW_MQTT_PASSWORD is not set")
+        gateway_env(monkeypatch)
+        assert wait_for(lambda: "edgewatch/gw-01/pump-01/alert" in sub.topics())
+        assert wait_for(lambda: up.outbox.depth() == 0)
+        assert_no_secret_logged(caplog)
+    finally:
+        sub.close()
 
 
 @pytest.mark.timeout(30)
