@@ -1,0 +1,160 @@
+"""Sliding windows on a global time grid, cut live from each device's stream of accepted readings.
+
+Why a global grid: the model was trained on samples every `period` seconds, and windows must not
+depend on when the agent happened to start. Grid points are the multiples of `period` (epoch
+seconds); a window ends on every grid point whose index is a multiple of `stride`. The value of a grid
+point depends only on the nearest real samples on either side (agent.resample), so replay of a
+recording and the live agent, started or restarted anywhere, cut identical windows (a restart only
+loses the windows whose history it did not see).
+
+A grid point is "complete" once no future reading can change it: for each channel, a finite sample
+at or after it has arrived, or the channel's last finite sample is more than `max_gap` s old (then the
+point is NaN for good). Gaps longer than `max_gap` are never bridged; a window containing a NaN grid
+point is not emitted. Each device keeps a short in-memory ring of recent readings; nothing is re-read
+from SQLite.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+
+from agent.resample import resample_to_grid
+from agent.types import Reading, Window
+
+_SNAP = 1e-6  # as in agent.resample: float noise in ms timestamps must not move a point off the grid
+_EVICT_MARGIN_S = 1e-3
+
+
+class WindowConfig(BaseModel):
+    """How live readings are put on the model's grid (window, stride and period come from the bundle)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_gap_s: float = Field(
+        5.0,
+        ge=0,
+        description="Gaps between real samples up to this many seconds are linearly interpolated on "
+        "the grid; a longer gap leaves NaN grid points, which no window may contain.",
+    )
+
+
+@dataclass(slots=True)
+class _Device:
+    ts: deque[float] = field(default_factory=deque)
+    rows: deque[np.ndarray] = field(default_factory=deque)
+    last_finite: list[float | None] = field(default_factory=list)
+    next_k: int | None = None  # smallest window-end grid index not yet evaluated (multiple of stride)
+
+
+class Windower:
+    """Turns each device's accepted readings (in timestamp order) into model-ready Windows."""
+
+    def __init__(
+        self, channels: Sequence[str], window: int, stride: int, period: float, max_gap: float = 5.0
+    ) -> None:
+        if not channels:
+            raise ValueError("at least one channel is needed")
+        if window < 1 or stride < 1:
+            raise ValueError(f"window and stride must be >= 1, got {window}, {stride}")
+        if not (period > 0 and math.isfinite(period)):
+            raise ValueError(f"period must be a positive number of seconds, got {period!r}")
+        if max_gap < 0:
+            raise ValueError(f"max_gap must be >= 0, got {max_gap!r}")
+        self.channels = tuple(channels)
+        self.window = window
+        self.stride = stride
+        self.period = float(period)
+        self.max_gap = float(max_gap)
+        self._devices: dict[str, _Device] = {}
+
+    def devices(self) -> list[str]:
+        return sorted(self._devices)
+
+    def _k_floor(self, ts: float) -> int:
+        return math.floor(ts / self.period + _SNAP)
+
+    def push(self, reading: Reading) -> list[Window]:
+        """Add one accepted reading; return the windows it completes (usually none or one)."""
+        ts = float(reading.ts)
+        if not math.isfinite(ts):
+            return []
+        row = np.array([reading.values.get(c, math.nan) for c in self.channels], dtype=np.float64)
+        st = self._devices.get(reading.device)
+        if st is None:
+            st = self._devices[reading.device] = _Device(last_finite=[None] * len(self.channels))
+        out: list[Window] = []
+        if st.ts:
+            prev = st.ts[-1]
+            if ts <= prev:  # the validator drops these; never let one rewrite history
+                return []
+            if ts - prev > self.max_gap:
+                # Nothing after the gap can bridge back to before it: settle what is pending, start over.
+                out += self._emit(reading.device, st, self._k_floor(prev))
+                st.ts.clear()
+                st.rows.clear()
+                st.last_finite = [None] * len(self.channels)
+        st.ts.append(ts)
+        st.rows.append(row)
+        k_now = self._k_floor(ts)
+        k_done = k_now
+        for c, x in enumerate(row):
+            if math.isfinite(x):
+                st.last_finite[c] = ts
+                continue
+            last = st.last_finite[c]
+            if last is not None and ts - last < self.max_gap:
+                k_done = min(k_done, self._k_floor(last))  # a later sample may still bridge this channel
+        out += self._emit(reading.device, st, k_done)
+        self._evict(st)
+        return out
+
+    def _emit(self, device: str, st: _Device, k_done: int) -> list[Window]:
+        """Evaluate every window end in [next_k, k_done] (on the stride) with the ring as it is."""
+        if not st.ts:
+            return []
+        first_possible = math.ceil(st.ts[0] / self.period - _SNAP) + self.window - 1
+        k = first_possible if st.next_k is None else max(st.next_k, first_possible)
+        k = -(-k // self.stride) * self.stride
+        if k > k_done:
+            st.next_k = k
+            return []
+        grid, vals = resample_to_grid(
+            np.fromiter(st.ts, dtype=np.float64, count=len(st.ts)),
+            np.vstack(st.rows),
+            self.period,
+            self.max_gap,
+        )
+        out: list[Window] = []
+        if grid.size:
+            k0 = round(grid[0] / self.period)
+            for kk in range(k, k_done + 1, self.stride):
+                lo, hi = kk - self.window + 1 - k0, kk - k0 + 1
+                if lo < 0 or hi > grid.size:
+                    continue
+                block = vals[lo:hi]
+                if np.isfinite(block).all():
+                    out.append(
+                        Window(
+                            device, float(grid[lo]), float(grid[hi - 1]), block.astype(np.float32, copy=True)
+                        )
+                    )
+        st.next_k = (k_done // self.stride + 1) * self.stride
+        return out
+
+    def _evict(self, st: _Device) -> None:
+        """Drop samples that can no longer affect any future window (older than its left edge - max_gap)."""
+        if st.next_k is None:  # not reached: every push evaluates and sets next_k
+            return
+        keep_from = (st.next_k - self.window + 1) * self.period - self.max_gap - _EVICT_MARGIN_S
+        while st.ts and st.ts[0] < keep_from:
+            st.ts.popleft()
+            st.rows.popleft()
+        for c, last in enumerate(st.last_finite):
+            if last is not None and last < keep_from:
+                st.last_finite[c] = None
