@@ -47,7 +47,7 @@ class WindowConfig(BaseModel):
 @dataclass(slots=True)
 class _Device:
     ts: deque[float] = field(default_factory=deque)
-    rows: deque[np.ndarray] = field(default_factory=deque)
+    rows: deque[tuple[float, ...]] = field(default_factory=deque)
     last_finite: list[float | None] = field(default_factory=list)
     next_k: int | None = None  # smallest window-end grid index not yet evaluated (multiple of stride)
 
@@ -84,7 +84,8 @@ class Windower:
         ts = float(reading.ts)
         if not math.isfinite(ts):
             return []
-        row = np.array([reading.values.get(c, math.nan) for c in self.channels], dtype=np.float64)
+        get = reading.values.get
+        row = tuple(float(get(c, math.nan)) for c in self.channels)
         st = self._devices.get(reading.device)
         if st is None:
             st = self._devices[reading.device] = _Device(last_finite=[None] * len(self.channels))
@@ -126,7 +127,7 @@ class Windower:
             return []
         grid, vals = resample_to_grid(
             np.fromiter(st.ts, dtype=np.float64, count=len(st.ts)),
-            np.vstack(st.rows),
+            np.array(st.rows, dtype=np.float64),
             self.period,
             self.max_gap,
         )
