@@ -17,6 +17,7 @@ from firmware_sim.config import SimConfig
 from firmware_sim.scenario import BUILDERS, DESCRIPTIONS, Scenario, build_scenario
 
 DAY = 86400.0
+ENDLESS_DAYS = 366  # an endless `mixed` stream repeats its day of faults for a year
 
 
 def parse_iso(text: str) -> int:
@@ -77,7 +78,10 @@ def _config(args: argparse.Namespace, start_ms: int, duration: float | None) -> 
 
 def _scenario(cfg: SimConfig) -> Scenario:
     horizon = cfg.duration if cfg.duration is not None else DAY
-    return build_scenario(cfg.scenario, cfg.devices, horizon, cfg.fault_after, cfg.degradation, cfg.seed)
+    sc = build_scenario(cfg.scenario, cfg.devices, horizon, cfg.fault_after, cfg.degradation, cfg.seed)
+    if cfg.duration is None and cfg.scenario == "mixed":
+        sc = sc.repeated(DAY, ENDLESS_DAYS)  # every fault ends repaired, so the day can repeat
+    return sc
 
 
 def stream_start_ms(args: argparse.Namespace) -> int:

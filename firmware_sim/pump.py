@@ -201,6 +201,11 @@ class _DutySchedule:
         return out
 
 
+def _fault_end(f: MachineFault) -> float:
+    """When the machine is healthy again (repaired), or never."""
+    return math.inf if f.repair_after is None else f.start + f.degradation + f.repair_after
+
+
 def _severity(t: np.ndarray, f: MachineFault) -> tuple[np.ndarray, np.ndarray]:
     """Severity in [0, 1] (progress^2: a subtle start) and state code per sample for one fault."""
     prog = (t - f.start) / f.degradation
@@ -277,7 +282,7 @@ class PumpSim:
         sev = {kind: np.zeros(n) for kind in FAULTS[1:]}
         state = np.zeros(n, dtype=np.int8)
         fault = np.zeros(n, dtype=np.int8)
-        for f in self.machine_faults:
+        for f in self._machine_faults_in(t[0], t[-1]):
             s, st = _severity(t, f)
             sev[f.kind] = np.maximum(sev[f.kind], s)
             active = st > 0
@@ -358,11 +363,14 @@ class PumpSim:
     def _imbalance_started(self, t: np.ndarray) -> np.ndarray:
         """Imbalance is a step: on from onset even while severity is still ~0 (until repaired)."""
         on = np.zeros(len(t), dtype=bool)
-        for f in self.machine_faults:
+        for f in self._machine_faults_in(t[0], t[-1]):
             if f.kind == "imbalance":
-                end = np.inf if f.repair_after is None else f.start + f.degradation + f.repair_after
-                on |= (t >= f.start) & (t < end)
+                on |= (t >= f.start) & (t < _fault_end(f))
         return on
+
+    def _machine_faults_in(self, t0: float, t1: float) -> list[MachineFault]:
+        """Faults that matter in [t0, t1]: started by t1 and not repaired before t0."""
+        return [f for f in self.machine_faults if f.start <= t1 and _fault_end(f) > t0]
 
     def _apply_sensor_faults(
         self, t: np.ndarray, values: dict[str, np.ndarray], rng: np.random.Generator
@@ -373,6 +381,8 @@ class PumpSim:
         draw = rng.random(n)  # one shared draw keeps the RNG stream independent of the scenario
         spike = rng.uniform(4.0, 12.0, n) * np.where(rng.random(n) < 0.5, -1.0, 1.0)
         for i, f in enumerate(self.sensor_faults):
+            if f.start > t[-1] or f.start + f.duration <= t[0]:
+                continue
             inside = (t >= f.start) & (t < f.start + f.duration)
             if not inside.any():
                 continue

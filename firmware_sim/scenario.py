@@ -8,7 +8,7 @@ and lets the ground-truth labels come from the same numbers that drive the effec
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -61,6 +61,19 @@ class Scenario:
 
     def sensor_faults_of(self, device: int) -> tuple[SensorFault, ...]:
         return tuple(f for f in self.sensor_faults if f.device == device)
+
+    def repeated(self, period: float, times: int) -> Scenario:
+        """The schedule again every `period` s, `times` times in all: an endless `mixed` stream keeps
+        showing faults. Only sensible for schedules that end healthy (repaired) within `period`."""
+        return replace(
+            self,
+            machine_faults=tuple(
+                replace(f, start=f.start + i * period) for i in range(times) for f in self.machine_faults
+            ),
+            sensor_faults=tuple(
+                replace(f, start=f.start + i * period) for i in range(times) for f in self.sensor_faults
+            ),
+        )
 
 
 Builder = Callable[[int, float, float | None, float | None, int], Scenario]

@@ -199,3 +199,18 @@ def test_recording_equals_simulation_arrays(tmp_path: Path) -> None:
         got = np.array([float(r[ch]) if r[ch] else np.nan for r in rows])
         np.testing.assert_array_equal(got, getattr(c, ch))
     assert [r["sensor_fault"] for r in rows] == [SENSOR_FAULT_LABELS[i] for i in c.sensor_fault]
+
+
+def test_endless_mixed_repeats_its_day_of_faults() -> None:
+    day = 86400.0
+    sc = build_scenario("mixed", devices=2, horizon=day, seed=1)
+    rep = sc.repeated(day, 3)
+    assert len(rep.machine_faults) == 3 * len(sc.machine_faults)
+    assert [f.start - day for f in rep.machine_faults_of(1)[2:4]] == [
+        f.start for f in sc.machine_faults_of(1)
+    ]
+    c = simulate(1, 0, rep, START, 2 * day)
+    n = int(day)
+    assert c.fault[:n].any()
+    np.testing.assert_array_equal(c.fault[:n], c.fault[n:])
+    np.testing.assert_array_equal(c.sensor_fault[:n], c.sensor_fault[n:])
