@@ -15,6 +15,7 @@ Usage::
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import ssl
 from dataclasses import dataclass
@@ -99,6 +100,16 @@ def parse_broker(address: str, default_port: int = DEFAULT_PORT) -> tuple[str, i
     return host, int(port_s)
 
 
+def is_loopback(host: str) -> bool:
+    """True for a host that never leaves the machine (127.0.0.0/8, ::1, localhost)."""
+    if host.lower() in ("localhost", "localhost.localdomain", "ip6-localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 class MqttConnectionConfig(BaseModel):
     """How to reach one MQTT broker. Secrets come from env vars or systemd credentials, not the file."""
 
@@ -150,6 +161,11 @@ class MqttConnectionConfig(BaseModel):
             raise ValueError("give at most one of password, password_env, password_credential")
         if n_pw and not self.username:
             raise ValueError("a password needs a username")
+        if n_pw and not self.tls and not is_loopback(self.host):
+            raise ValueError(
+                f"the password would cross the network to {self.host} in clear text: set tls = true "
+                "(plain MQTT with a password is allowed only to a broker on this machine)"
+            )
         tls_fields = {
             "tls_ca_file": self.tls_ca_file,
             "tls_cert_file": self.tls_cert_file,

@@ -560,6 +560,24 @@ def test_no_insecure_tls_switch_is_accepted(key: str) -> None:
     )
 
 
+@pytest.mark.parametrize("host", ["broker.example.net", "10.0.0.5", "fd00::5"])
+@pytest.mark.parametrize("secret", [{"password_env": "EW_PW"}, {"password_credential": "mqtt-password"}])
+def test_no_password_in_clear_text_over_the_network(host: str, secret: dict[str, str]) -> None:
+    """Without TLS a password would cross the network readable by anyone on the path: refused."""
+    with pytest.raises(ValidationError, match="clear text"):
+        MqttConnectionConfig(host=host, username="gw-01", **secret)
+    with pytest.raises(ValidationError, match="clear text"):
+        UplinkConfig.model_validate({"mqtt": {"host": host, "username": "gw-01", **secret}})
+    assert MqttConnectionConfig(host=host, username="gw-01", tls=True, **secret).tls
+    assert MqttConnectionConfig(host=host, username="gw-01").password is None  # a user name alone is fine
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "127.0.0.53", "localhost", "::1"])
+def test_plain_password_allowed_to_a_loopback_broker(host: str) -> None:
+    """A broker on the gateway itself (sensors publishing locally) needs no TLS: loopback never leaves."""
+    assert MqttConnectionConfig(host=host, username="gw-01", password_env="EW_PW").host == host
+
+
 def test_every_tls_context_verifies_the_server(
     pki: Pki, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
