@@ -1,0 +1,117 @@
+"""MqttSource against a real mosquitto: receives telemetry, and resubscribes after a broker restart."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+import pytest
+
+from agent.mqtt_client import MqttConnectionConfig, make_client
+from agent.parse import parse
+from agent.source import MqttSource, MqttSourceConfig, make_source
+from agent.types import RawMessage, Reading
+
+
+class Collector:
+    def __init__(self) -> None:
+        self.items: list[RawMessage] = []
+        self.cond = threading.Condition()
+
+    def __call__(self, msg: RawMessage) -> None:
+        with self.cond:
+            self.items.append(msg)
+            self.cond.notify_all()
+
+    def wait_for(self, n: int, timeout: float = 10.0) -> list[RawMessage]:
+        with self.cond:
+            assert self.cond.wait_for(lambda: len(self.items) >= n, timeout), f"got {len(self.items)} of {n}"
+            return list(self.items)
+
+
+def telemetry(device: str, seq: int) -> bytes:
+    return json.dumps(
+        {"v": 1, "device": device, "seq": seq, "ts": 1764806400000 + seq, "values": {"temperature": 40.0}}
+    ).encode()
+
+
+def publish(broker, topic: str, payload: bytes) -> None:
+    conn = MqttConnectionConfig(host=broker.host, port=broker.port)
+    pub = make_client(conn, f"test-pub-{time.monotonic_ns()}", clean_start=True)
+    ready = threading.Event()
+    pub.on_connect = lambda *a: ready.set()
+    pub.loop_start()
+    assert ready.wait(10)
+    pub.publish(topic, payload, qos=1).wait_for_publish(5)
+    pub.disconnect()
+    pub.loop_stop()
+
+
+def source_for(broker, **kw) -> MqttSource:
+    cfg = MqttSourceConfig(
+        type="mqtt",
+        mqtt={"host": broker.host, "port": broker.port, "reconnect_min_s": 0.2, "reconnect_max_s": 1.0},
+        client_id="edgewatch-test-ingest",
+        **kw,
+    )
+    src = make_source(cfg)
+    assert isinstance(src, MqttSource)
+    return src
+
+
+@pytest.mark.timeout(30)
+def test_receives_telemetry_on_the_configured_prefix(broker) -> None:
+    src = source_for(broker)
+    got = Collector()
+    src.start(got)
+    try:
+        assert src.subscribed.wait(10)
+        publish(broker, "edgewatch/sensors/pump-01/telemetry", telemetry("pump-01", 1))
+        publish(broker, "edgewatch/sensors/pump-01/status", b"not telemetry")  # not subscribed
+        publish(broker, "other/pump-01/telemetry", b"other prefix")
+        publish(broker, "edgewatch/sensors/fan-02/telemetry", telemetry("fan-02", 2))
+        msgs = got.wait_for(2)
+        time.sleep(0.2)
+        assert [m.origin for m in got.items] == [
+            "edgewatch/sensors/pump-01/telemetry",
+            "edgewatch/sensors/fan-02/telemetry",
+        ]
+        assert all(m.kind == "mqtt" for m in msgs)
+        r = parse(msgs[0])
+        assert isinstance(r, Reading) and r.device == "pump-01"
+    finally:
+        src.stop()
+
+
+@pytest.mark.timeout(60)
+def test_resubscribes_after_broker_restart(broker) -> None:
+    """The broker has persistence off: after a restart the session is gone and only a resubscribe helps."""
+    src = source_for(broker, topic_prefix="plant/a")
+    got = Collector()
+    src.start(got)
+    try:
+        assert src.subscribed.wait(10)
+        publish(broker, "plant/a/pump-01/telemetry", telemetry("pump-01", 1))
+        got.wait_for(1)
+        broker.stop()
+        deadline = time.monotonic() + 10
+        while src.subscribed.is_set() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not src.subscribed.is_set()
+        broker.start()  # same port
+        assert src.subscribed.wait(20), "no resubscription after the broker came back"
+        assert src.connects == 2
+        publish(broker, "plant/a/pump-01/telemetry", telemetry("pump-01", 2))
+        msgs = got.wait_for(2)
+        assert msgs[-1].payload == telemetry("pump-01", 2)
+    finally:
+        src.stop()
+
+
+def test_topic_prefix_must_be_plain() -> None:
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="no wildcards"):
+        MqttSourceConfig(type="mqtt", topic_prefix="a/+/b")
+    assert MqttSourceConfig(type="mqtt").topic == "edgewatch/sensors/+/telemetry"
