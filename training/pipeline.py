@@ -258,26 +258,37 @@ def build_bundle(paths: list[str | Path], out: str | Path, cfg: PipelineConfig) 
     fp32 = root / "model.fp32.onnx"
     int8 = root / "model.onnx"
     export_fp32(model, cfg.window, len(prep.channels), fp32)
-    ops = quantize_int8(fp32, int8, expected_lstms=2 * cfg.model.layers)
-
-    s32, s8 = session(fp32), session(int8)
-    cal_total, cal_per = errors_with(s8, scaler, prep.val_x)
-    calibration = calibrate(cal_total, cal_per)
+    s32 = session(fp32)
     threshold = float(np.percentile(errors_with(s32, scaler, prep.val_x)[0], 99.0))
     parity_x = _subsample(prep.val_x, cfg.parity_windows // 2, cfg.train.seed)
-    result = check_parity(
-        lambda x: errors_with(s32, scaler, x)[0],
-        lambda x: errors_with(s8, scaler, x)[0],
-        parity_x,
-        np.asarray(scaler.scale),
-        threshold,
-        seed=cfg.train.seed,
-    )
+    candidates = []
+    for reduce_range in (False, True):
+        path = root / f"model.int8-rr{int(reduce_range)}.tmp"
+        ops = quantize_int8(fp32, path, expected_lstms=2 * cfg.model.layers, reduce_range=reduce_range)
+        s8 = session(path)
+        result = check_parity(
+            lambda x: errors_with(s32, scaler, x)[0],
+            lambda x, s8=s8: errors_with(s8, scaler, x)[0],
+            parity_x,
+            np.asarray(scaler.scale),
+            threshold,
+            seed=cfg.train.seed,
+        )
+        log.info("int8 reduce_range=%s: %s", reduce_range, result.parity)
+        candidates.append((result.passed, result.parity.spearman, reduce_range, path, ops, result))
+    candidates.sort(key=lambda c: (c[0], c[1]), reverse=True)
+    _, _, reduce_range, best_path, ops, result = candidates[0]
+    for other in candidates[1:]:
+        other[3].unlink(missing_ok=True)
     if not result.passed:
-        int8.unlink(missing_ok=True)
+        best_path.unlink(missing_ok=True)
         msg = f"PARITY GATE FAILED, no model.onnx written in {root}: {'; '.join(result.reasons)}"
         log.error(msg)
         raise ExportError(msg)
+    best_path.replace(int8)
+    s8 = session(int8)
+    cal_total, cal_per = errors_with(s8, scaler, prep.val_x)
+    calibration = calibrate(cal_total, cal_per)
     heldout_errors = errors_with(s8, scaler, prep.heldout_x)[0] if prep.heldout_x.size else np.empty(0)
 
     manifest = Manifest(
@@ -294,6 +305,7 @@ def build_bundle(paths: list[str | Path], out: str | Path, cfg: PipelineConfig) 
             "layers": cfg.model.layers,
             "parameters": count_parameters(model),
             "int8_ops": ops,
+            "quantization": {"weight_type": "QInt8", "reduce_range": reduce_range, "per_channel": False},
         },
         training_data=TrainingData(
             files=[DataFile(name=f.name, sha256=f.sha256, rows=f.rows) for f in prep.files],
