@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -75,6 +75,11 @@ class Windower:
 
     def devices(self) -> list[str]:
         return sorted(self._devices)
+
+    def prime(self, readings: Iterable[Reading]) -> int:
+        """Warm the rings from stored history (e.g. `Buffer.last_n` after a restart or a model swap)
+        without emitting: those windows were scored before. Returns the windows skipped."""
+        return sum(len(self.push(r)) for r in readings)
 
     def _k_floor(self, ts: float) -> int:
         return math.floor(ts / self.period + _SNAP)

@@ -135,6 +135,17 @@ def test_ring_stays_small() -> None:
     assert len(w._devices["pump-01"].ts) <= 2 * (16 + 4 + 5) + 4
 
 
+def test_prime_from_history_then_continue_like_an_uninterrupted_run() -> None:
+    readings = [rd(T0 + i, **lin(T0 + i)) for i in range(60)]
+    full = [key(x) for x in feed(Windower(CH, 16, 4, 1.0), readings)]
+    restarted = Windower(CH, 16, 4, 1.0)
+    skipped = restarted.prime(readings[20:40])  # what Buffer.last_n would give back after a restart
+    assert skipped == 1  # 16 points from 20 end at 35 at the earliest; the stride allows 36 (40 not yet seen)
+    after = [key(x) for x in feed(restarted, readings[40:])]
+    assert after == [k for k in full if k[2] > T0 + 39]
+    assert after  # the restart did not lose the windows right after it
+
+
 def test_bad_parameters() -> None:
     with pytest.raises(ValueError):
         Windower(CH, 0, 1, 1.0)
