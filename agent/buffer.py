@@ -30,6 +30,9 @@ _INSERT_SCORE = (
     "INSERT INTO scores (device, start_ts, end_ts, error, threshold, anomalous, channel_errors_json, model_id) "
     "VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
 )
+_to_json = json.JSONEncoder(
+    separators=(",", ":")
+).encode  # one encoder: json.dumps(..., separators) builds one per call
 MAX_PENDING_BATCHES = 100  # while the disk refuses writes, keep at most this many batches in memory
 
 
@@ -61,13 +64,13 @@ class BufferConfig(BaseModel):
 
 
 def _reading_row(r: Reading) -> tuple:
-    return (r.device, r.ts, r.seq, r.received, json.dumps(r.values, separators=(",", ":")))
+    return (r.device, r.ts, r.seq, r.received, _to_json(r.values))
 
 
 def _score_row(j: Judgement) -> tuple:
     s = j.score
     thr = j.threshold if math.isfinite(j.threshold) else None
-    errs = json.dumps(s.channel_errors, separators=(",", ":"))
+    errs = _to_json(s.channel_errors)
     return (s.device, s.start_ts, s.end_ts, s.error, thr, int(j.anomalous), errs, s.model_id)
 
 
