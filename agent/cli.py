@@ -78,6 +78,7 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--seeds", nargs="+", default=None, help="training seeds to average (default: 0 1 2)")
     s.add_argument("--epochs", type=int, default=None, help="maximum training epochs (default: the recipe's)")
     s.add_argument("--window", type=int, default=None, help="window length in rows (default: the recipe's)")
+    s.add_argument("--jobs", type=int, default=2, help="models trained at once (worker processes; default 2)")
     s.add_argument("-v", "--verbose", action="store_true", help="log per-file progress")
 
     def handler(args: argparse.Namespace) -> int | None:

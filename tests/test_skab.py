@@ -211,6 +211,20 @@ def test_nab_late_detection_earns_the_fp_weight() -> None:
     assert nab_scores([nab_file(ts, true_cp, np.zeros(100))])["nab_standard"] == pytest.approx(0.0)
 
 
+def test_decision_stage_hand_worked() -> None:
+    from training.skab import DecisionConfig, alert_rows, ewma, fixed_threshold, hotelling_t2
+
+    assert ewma(np.array([1.0, 0.0, 0.0]), 0.5).tolist() == [1.0, 0.5, 0.25]
+    assert fixed_threshold(np.array([0.0, 1.0, 2.0, 3.0, 4.0]), 0.5, 2.0) == pytest.approx(4.0)
+    cfg = DecisionConfig(open_k=2, open_n=3, recovery_ratio=0.5, resolve_m=2)
+    # opens on the 2nd of 3 above 1.0; 0.8 keeps it open (hysteresis); two scores under 0.5 resolve it
+    scores = np.array([2.0, 0.0, 2.0, 0.8, 0.4, 0.4, 0.4])
+    assert alert_rows(scores, 1.0, cfg).tolist() == [0, 0, 1, 1, 1, 0, 0]
+    ref = np.array([[1.0, 0.0], [-1.0, 0.0], [0.0, 1.0], [0.0, -1.0]])  # mean 0, cov diag(2/3, 2/3)
+    t2 = hotelling_t2(np.vstack([ref, [[1.0, 1.0], [0.0, 0.0]]]), 4, ridge=0.0)
+    assert t2[-2:] == pytest.approx([3.0, 0.0])
+
+
 # ---------------------------------------------------------------------------------------------- end to end
 
 
@@ -239,6 +253,8 @@ def test_eval_skab_end_to_end(tmp_path: Path) -> None:
             "2",
             "--window",
             "30",
+            "--jobs",
+            "1",
         ]
     )
     assert rc == 0

@@ -21,12 +21,14 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import multiprocessing
 import os
 import shutil
 import tempfile
 import time
 import warnings
 from collections import deque
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -438,8 +440,19 @@ def _mean_std(runs: list[dict]) -> dict:
     return {"mean": float(np.mean(vals)), "std": float(np.std(vals)), "per_seed": [float(v) for v in vals]}
 
 
-def run_skab(data_dir: str | Path, out_dir: str | Path | None, cfg: SkabConfig) -> dict:
-    """Run every detector on every labelled file; write metrics.json and report.md into out_dir."""
+def _lstm_task(task: tuple) -> tuple[str, int, dict[str, FileResult]]:
+    """One (file, seed) of the LSTM detector; top-level so a process pool can run it."""
+    f, cfg, seed, tmp, parity = task
+    res = run_lstm(f, cfg, seed, Path(tmp), parity=parity)
+    log.info("lstm seed %d %s: %s", seed, f.name, res["streaming"].extra)
+    return f.name, seed, res
+
+
+def run_skab(data_dir: str | Path, out_dir: str | Path | None, cfg: SkabConfig, jobs: int = 1) -> dict:
+    """Run every detector on every labelled file; write metrics.json and report.md into out_dir.
+
+    `jobs` > 1 trains that many (file, seed) models at once in worker processes (1 torch thread each).
+    """
     t0 = time.perf_counter()
     files = load_skab(data_dir)
     seeds = list(cfg.seeds)
@@ -452,19 +465,26 @@ def run_skab(data_dir: str | Path, out_dir: str | Path | None, cfg: SkabConfig) 
     }
     info: dict[str, list] = {"lstm": []}
     timings: dict[str, float] = {}
+    t = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="skab-bundles-") as tmp:
-        for seed in seeds:
-            t = time.perf_counter()
-            rows, lb_rows = {}, {}
-            for f in files:
-                res = run_lstm(f, cfg, seed, Path(tmp), parity=seed == seeds[0])
-                r = res["streaming"]
-                rows[f.name], lb_rows[f.name] = r.rows, res["leaderboard"].rows
-                info["lstm"].append({"file": f.name, "seed": seed, "threshold": r.threshold, **r.extra})
-                log.info("lstm seed %d %s: %s", seed, f.name, r.extra)
-            per_seed["lstm_ae_int8"].append(score_rows(files, rows, cfg.window))
-            per_seed["lstm_ae_int8_leaderboard_tuned"].append(score_rows(files, lb_rows, cfg.window))
-            timings[f"lstm_seed{seed}_s"] = round(time.perf_counter() - t, 1)
+        tasks = [(f, cfg, seed, tmp, seed == seeds[0]) for seed in seeds for f in files]
+        if jobs > 1:
+            ctx = multiprocessing.get_context("spawn")  # no fork after torch/onnxruntime threads exist
+            with ProcessPoolExecutor(max_workers=jobs, mp_context=ctx) as pool:
+                done = list(pool.map(_lstm_task, tasks))
+        else:
+            done = [_lstm_task(task) for task in tasks]
+    for seed in seeds:
+        rows, lb_rows = {}, {}
+        for name, s, res in done:
+            if s != seed:
+                continue
+            r = res["streaming"]
+            rows[name], lb_rows[name] = r.rows, res["leaderboard"].rows
+            info["lstm"].append({"file": name, "seed": seed, "threshold": r.threshold, **r.extra})
+        per_seed["lstm_ae_int8"].append(score_rows(files, rows, cfg.window))
+        per_seed["lstm_ae_int8_leaderboard_tuned"].append(score_rows(files, lb_rows, cfg.window))
+    timings["lstm_s"] = round(time.perf_counter() - t, 1)
     t = time.perf_counter()  # IsolationForest has no training seed of ours: random_state 0, as upstream
     rows = {f.name: run_isolation_forest(f, cfg, 0).rows for f in files}
     per_seed["isolation_forest"].append(score_rows(files, rows, cfg.window))
@@ -509,6 +529,7 @@ def run_skab(data_dir: str | Path, out_dir: str | Path | None, cfg: SkabConfig) 
         "config": cfg.model_dump(),
         "seeds": seeds,
         "timings_s": timings,
+        "jobs": jobs,
         "lstm_files": info["lstm"],
     }
     if out_dir is not None:
@@ -576,7 +597,7 @@ def run_skab_cli(args: argparse.Namespace) -> int:
         overrides["window"] = int(args.window)
     cfg = SkabConfig(**overrides)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    result = run_skab(args.data, args.out, cfg)
+    result = run_skab(args.data, args.out, cfg, jobs=int(getattr(args, "jobs", None) or 1))
     print(render_report(result))
     if args.out:
         print(f"wrote {Path(args.out) / 'metrics.json'} and report.md")
