@@ -175,6 +175,9 @@ class SerialSource:
             except (serial.SerialException, OSError) as e:
                 failing_since = time.monotonic()
                 log.warning("serial port %s lost (%s); reopening", self.config.port, e)
+            except Exception:  # a bug downstream (the sink) must not kill the reader for good
+                log.exception("serial source %s: error handling a line; reopening the port", self.name)
+                self._stop.wait(delay)
             finally:
                 port, self._port = self._port, None
                 with contextlib.suppress(serial.SerialException, OSError):
@@ -250,7 +253,10 @@ class MqttSource:
 
         def on_message(c: mqtt.Client, userdata: object, msg: mqtt.MQTTMessage) -> None:
             self.messages += 1
-            sink(RawMessage(bytes(msg.payload), "mqtt", msg.topic, time.time()))
+            try:
+                sink(RawMessage(bytes(msg.payload), "mqtt", msg.topic, time.time()))
+            except Exception:  # paho would stop its network thread on an exception from a callback
+                log.exception("MQTT source %s: error handling a message on %s", self.name, msg.topic)
 
         client.on_connect = on_connect
         client.on_subscribe = on_subscribe

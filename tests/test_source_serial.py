@@ -152,3 +152,29 @@ def test_port_missing_at_start_is_retried(tmp_path: Path) -> None:
     finally:
         src.stop()
         pty.unplug()
+
+
+@pytest.mark.timeout(30)
+def test_a_failing_sink_does_not_kill_the_reader(tmp_path: Path) -> None:
+    link = tmp_path / "ttyFLAKY"
+    pty = Pty(link)
+    src = SerialSource(
+        SerialSourceConfig(type="serial", port=str(link), read_timeout_s=0.1, reopen_min_s=0.05)
+    )
+    got = Collector()
+
+    def sink(msg: RawMessage) -> None:
+        if b",1," in msg.payload:
+            raise RuntimeError("bug downstream")
+        got(msg)
+
+    src.start(sink)
+    try:
+        wait_until(lambda: src.connected)
+        pty.write(ew1(1))
+        wait_until(lambda: src.opens == 2)  # reopened after the error
+        pty.write(ew1(2))
+        assert got.wait_for(1)[0].payload == ew1(2)
+    finally:
+        src.stop()
+        pty.unplug()
