@@ -75,7 +75,7 @@ class Pipeline:
         """A line or payload as it came off the wire."""
         item = parse(msg)
         if isinstance(item, Reject):
-            metrics.READINGS_REJECTED.labels(item.reason).inc()  # validation counts its own
+            self.validator.note_reject(item)  # counted by reason, logged at a rate limit
             self._rejected(item, msg.origin, msg.received)
             return
         self.process_reading(item, now=msg.received, origin=msg.origin)
@@ -170,7 +170,7 @@ class StageSettings:
 def channel_norm(bundle: Bundle) -> dict[str, float] | None:
     """Per-channel calibration error means, so attribution is not won by a naturally noisy channel."""
     means = bundle.manifest.calibration.channel_error_mean
-    return dict(zip(bundle.manifest.channel_names(), means, strict=True)) if means else None
+    return dict(zip(bundle.manifest.channel_names, means, strict=True)) if means else None
 
 
 def model_stages(
@@ -187,6 +187,17 @@ def model_stages(
     return scorer, windower, thresholder
 
 
+def prime_windower(windower: Windower, buffer: Buffer) -> int:
+    """Warm a new windower from stored readings (after a restart or a model swap) so scoring resumes
+    with the next window instead of a full window length later. Windows it completes are not scored
+    again: they were scored before."""
+    span = (windower.window + windower.stride) * windower.period + windower.max_gap
+    skipped = 0
+    for device, last in buffer.last_ts_by_device().items():
+        skipped += windower.prime(buffer.readings_between(device, last - span, float("inf")))
+    return skipped
+
+
 def build_pipeline(
     settings: StageSettings,
     bundle: Bundle,
@@ -200,6 +211,7 @@ def build_pipeline(
     validator = Validator(settings.validation)
     validator.restore(buffer.last_ts_by_device())
     scorer, windower, thresholder = model_stages(settings, bundle, db)
+    prime_windower(windower, buffer)
     return Pipeline(
         validator=validator,
         buffer=buffer,

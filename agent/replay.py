@@ -225,7 +225,7 @@ def run_replay_cli(args: Any) -> int:
         except ConfigError as exc:
             print(f"edgewatch replay: {exc}", file=sys.stderr)
             return 2
-    channels = bundle.manifest.channel_names()
+    channels = bundle.manifest.channel_names
     since, until = parse_time(args.since), parse_time(args.until)
     try:
         recordings: list[Recording] = []

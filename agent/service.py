@@ -25,7 +25,7 @@ from agent.bundle import BundleError, load_bundle
 from agent.config import AgentConfig, ConfigError, load_config
 from agent.db import open_db
 from agent.notify import Notifier
-from agent.pipeline import StageSettings, build_pipeline, channel_norm, model_stages
+from agent.pipeline import StageSettings, build_pipeline, channel_norm, model_stages, prime_windower
 from agent.source import MqttSource, SerialSource, Source
 from agent.types import Event, RawMessage
 from agent.uplink import ConsoleSink, Outbox, Uplink
@@ -101,6 +101,7 @@ class Agent:
             return
         self.pipeline.buffer.flush()
         self.pipeline.thresholder.save()
+        prime_windower(stages[1], self.pipeline.buffer)
         self.pipeline.swap_scorer(*stages)
         self.pipeline.alerts.channel_norm = channel_norm(bundle) or {}
         log.info("model swapped: %s -> %s", self.bundle.model_id, bundle.model_id)

@@ -105,9 +105,6 @@ def test_documented_serial_example_matches_the_encoder_body() -> None:
     assert doc_line.split(b"*")[0] == enc.split(b"*")[0]
 
 
-@pytest.mark.xfail(
-    reason="docs/protocol.md example CRC 8F3A61C2 is wrong; zlib.crc32 gives 70595D4D (lead to fix)"
-)
 def test_documented_serial_example_parses() -> None:
     assert isinstance(parse_line(_doc_serial_example() + b"\n", "p", 0.0), Reading)
 
