@@ -14,6 +14,7 @@ import logging
 import re
 import shutil
 import ssl
+import textwrap
 import threading
 import time
 import tomllib
@@ -28,7 +29,9 @@ from pydantic import ValidationError
 from tls_util import Pki, make_password_file, make_pki
 
 from agent.mqtt_client import MqttConnectionConfig, make_client
-from agent.types import Event
+from agent.parse import parse
+from agent.source import MqttSource, MqttSourceConfig
+from agent.types import Event, RawMessage, Reading
 from agent.uplink import Outbox, OutboxMessage, Uplink, UplinkConfig
 
 AGENT_DIR = Path(__file__).resolve().parents[1] / "agent"
@@ -507,38 +510,93 @@ def test_gateway_credentials_read_nothing(secure_broker: SecureBroker) -> None:
 # -- the MQTT source over TLS ---------------------------------------------------------------------
 
 
-@pytest.mark.timeout(30)
-def test_mqtt_source_receives_telemetry_over_tls(
-    secure_broker: SecureBroker, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
-) -> None:
-    source_mod = pytest.importorskip("agent.source", reason="agent/source.py is not in the tree yet")
+def mqtt_source(sb: SecureBroker, creds: Path, user: str) -> MqttSource:
+    """The agent's MQTT source over TLS; its password is a credential file, as under LoadCredential=."""
+    (creds / "mqtt-source-password").write_text(PASSWORDS[user] + "\n")
+    conn = sb.conn(username=user, password_credential="mqtt-source-password")
+    text = f"""
+        type = "mqtt"
+        name = "sensors-tls"
+        client_id = "ew-{user}"
+        [mqtt]
+        host = "127.0.0.1"
+        port = {sb.port}
+        tls = true
+        tls_ca_file = "{sb.pki.ca.cert}"
+        username = "{user}"
+        password_credential = "mqtt-source-password"
+    """
+    cfg = MqttSourceConfig.model_validate(tomllib.loads(textwrap.dedent(text)))
+    assert cfg.mqtt == conn.model_copy(update={"reconnect_min_s": 1.0, "reconnect_max_s": 60.0})
+    return MqttSource(cfg)
+
+
+@pytest.fixture
+def creds_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     creds = tmp_path / "credentials"
     creds.mkdir(mode=0o700)
-    (creds / "mqtt-source-password").write_text(PASSWORDS["gw-01-source"])
     monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(creds))
-    conn = secure_broker.conn(username="gw-01-source", password_credential="mqtt-source-password")
-    cfg = source_mod.MqttSourceConfig.model_validate(
-        {"type": "mqtt", "name": "mqtt-tls", "mqtt": conn.model_dump(), "client_id": "ew-gw-01-source"}
-    )
-    received: list = []
-    source = source_mod.MqttSource(cfg)
+    return creds
+
+
+TELEMETRY = {"v": 1, "device": "pump-01", "seq": 1, "ts": 1_764_806_400_000, "values": {"temperature": 41.5}}
+
+
+@pytest.mark.timeout(30)
+def test_mqtt_source_receives_telemetry_over_tls(secure_broker: SecureBroker, creds_dir: Path) -> None:
+    received: list[RawMessage] = []
+    source = mqtt_source(secure_broker, creds_dir, "gw-01-source")
     sensor = connected_client(
         secure_broker.conn(username="sensor-01", password=PASSWORDS["sensor-01"]), "ew-s1"
     )
     source.start(received.append)
     try:
-        line = {"device": "pump-01", "ts_ms": 1_700_000_000_000, "seq": 1, "temperature": 40.0}
-        deadline = time.monotonic() + 15
-        # Publish until the source (subscribed in the background) has one: no fixed sleep.
-        while not received and time.monotonic() < deadline:
-            sensor.publish("edgewatch/sensors/pump-01/telemetry", json.dumps(line), qos=1).wait_for_publish(5)
-            wait_for(lambda: bool(received), 0.3)
-        assert received, "the source received no telemetry over TLS"
-        assert received[0].payload == json.dumps(line).encode()
+        assert source.subscribed.wait(10), "the source did not subscribe over TLS"
+        payload = json.dumps(TELEMETRY).encode()
+        sensor.publish("edgewatch/sensors/pump-01/telemetry", payload, qos=1).wait_for_publish(10)
+        assert wait_for(lambda: len(received) == 1)
+        assert received[0].payload == payload
+        reading = parse(received[0])
+        assert isinstance(reading, Reading), reading
+        assert (reading.device, reading.values) == ("pump-01", {"temperature": 41.5})
     finally:
         source.stop()
         sensor.disconnect()
         sensor.loop_stop()
+
+
+@pytest.mark.timeout(30)
+def test_mqtt_source_with_the_uplinks_credentials_gets_no_telemetry(
+    secure_broker: SecureBroker, creds_dir: Path
+) -> None:
+    """The uplink's user (gw-01) may not read telemetry. mosquitto grants the subscription (SUBACK ok)
+    but delivers nothing the ACL does not let that user read."""
+    received: list[RawMessage] = []
+    source = mqtt_source(secure_broker, creds_dir, "gw-01")
+    allowed = Subscriber(
+        secure_broker.conn(username="gw-01-source", password=PASSWORDS["gw-01-source"]),
+        "edgewatch/sensors/+/telemetry",
+        "ew-allowed",
+    )
+    sensor = connected_client(
+        secure_broker.conn(username="sensor-01", password=PASSWORDS["sensor-01"]), "ew-s1"
+    )
+    source.start(received.append)
+    try:
+        assert source.subscribed.wait(10), "the source did not subscribe"
+        payload = json.dumps(TELEMETRY)
+        sensor.publish("edgewatch/sensors/pump-01/telemetry", payload, qos=1).wait_for_publish(10)
+        assert wait_for(lambda: len(allowed.topics()) == 1)
+        # Round trip on the source's own connection (see Subscriber.round_trip): gw-01 may write there.
+        client = source._client
+        assert client is not None
+        client.publish("edgewatch/gw-01/ping", b"ping", qos=1).wait_for_publish(10)
+        assert received == []
+    finally:
+        source.stop()
+        sensor.disconnect()
+        sensor.loop_stop()
+        allowed.close()
 
 
 # -- no insecure switch ---------------------------------------------------------------------------
