@@ -79,6 +79,13 @@ class Scorer:
         """Score all `windows` in one onnxruntime run, in order."""
         if not windows:
             return []
+        want = (self.window, len(self._channels))
+        for w in windows:
+            if np.shape(w.data) != want:
+                raise ValueError(
+                    f"window of {w.device} ending {w.end_ts}: shape {list(np.shape(w.data))}, the model needs "
+                    f"{list(want)} ({self._channels})"
+                )
         batch = np.stack([np.asarray(w.data, dtype=np.float32) for w in windows])
         total, per = self.errors(batch)
         names = self._channels

@@ -74,8 +74,10 @@ def test_bad_windows_are_refused(scorer: Scorer) -> None:
     with pytest.raises(ValueError, match="NaN"):
         scorer.score([w])
     short = Window("pump-1", 0.0, 7.0, np.zeros((8, 3), dtype=np.float32))
-    with pytest.raises(ValueError, match=r"\[batch, 16, 3\]"):
+    with pytest.raises(ValueError, match=r"pump-1 ending 7.0: shape \[8, 3\], the model needs \[16, 3\]"):
         scorer.score([short])
+    with pytest.raises(ValueError, match=r"\[batch, 16, 3\]"):
+        scorer.errors(np.zeros((2, 8, 3), dtype=np.float32))
 
 
 def test_attribution_names_the_abnormal_channel(scorer: Scorer) -> None:

@@ -119,3 +119,13 @@ def test_manifest_is_valid_json_with_hashes(bundle_dir: Path) -> None:
     data = json.loads((bundle_dir / MANIFEST_NAME).read_text())
     assert all(len(h) == 64 for h in data["files"].values())
     assert data["format_version"] == 1
+
+
+def test_training_is_reproducible(data: Path, tmp_path: Path) -> None:
+    args = ["--window", "32", "--stride", "4", "--hidden", "8", "--epochs", "2", "--max-train-windows", "256"]
+    for name in ("a", "b"):
+        assert main(["train", str(data), "--out", str(tmp_path / name), *args, "--no-report"]) == 0
+    a, b = (load_bundle(tmp_path / n).manifest for n in ("a", "b"))
+    assert a.files["model.fp32.onnx"] == b.files["model.fp32.onnx"]
+    assert a.files["model.onnx"] == b.files["model.onnx"]
+    assert a.calibration == b.calibration
