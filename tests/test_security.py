@@ -28,7 +28,8 @@ from conftest import Broker, free_port, make_broker
 from pydantic import ValidationError
 from tls_util import Pki, make_password_file, make_pki
 
-from agent.mqtt_client import MqttConnectionConfig, make_client
+from agent.config import load_config
+from agent.mqtt_client import MqttConnectionConfig, is_loopback, make_client
 from agent.parse import parse
 from agent.source import MqttSource, MqttSourceConfig
 from agent.types import Event, RawMessage, Reading
@@ -616,6 +617,22 @@ def test_no_insecure_tls_switch_is_accepted(key: str) -> None:
         for name in MqttConnectionConfig.model_fields
         for word in ("insecure", "verify", "hostname")
     )
+
+
+@pytest.mark.parametrize(
+    "example", sorted((AGENT_DIR.parent / "examples").glob("*.toml")), ids=lambda p: p.name
+)
+def test_example_configs_hold_no_secret_and_verify_tls(example: Path, tmp_path: Path) -> None:
+    """What operators copy must model the safe setup: no literal password, TLS off the machine."""
+    filled = tmp_path / example.name  # the demo is a template: fill its placeholders (examples/demo.toml)
+    values = {"PORT": "1883", "UPLINK": "true", "STATE": str(tmp_path), "PTY": "/dev/ttyS0"}
+    filled.write_text(re.sub(r"@([A-Z_]+)@", lambda m: values[m.group(1)], example.read_text()))
+    config = load_config(filled)
+    conns = config.mqtt_connections()
+    assert conns, f"{example.name} has no MQTT connection to check"
+    for where, conn in conns.items():
+        assert conn.password is None, f"{example.name} {where}: literal password"
+        assert conn.tls or is_loopback(conn.host), f"{example.name} {where}: plain MQTT to {conn.host}"
 
 
 @pytest.mark.parametrize("host", ["broker.example.net", "10.0.0.5", "fd00::5"])
