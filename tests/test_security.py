@@ -305,6 +305,84 @@ def test_uplink_mutual_tls_with_secrets_from_credentials_directory(
         sub.close()
 
 
+def connack(conn: MqttConnectionConfig, client_id: str) -> mqtt.ReasonCode:
+    """The broker's answer to one connection attempt."""
+    codes: list[mqtt.ReasonCode] = []
+    client = make_client(conn, client_id, clean_start=True)
+    client.on_connect = lambda c, u, f, rc, p: codes.append(rc)
+    client.loop_start()
+    try:
+        assert wait_for(lambda: bool(codes)), f"{client_id}: no CONNACK"
+        return codes[0]
+    finally:
+        client.disconnect()
+        client.loop_stop()
+
+
+def documented_blocks() -> tuple[str, str]:
+    """The mosquitto config and the ACL exactly as docs/security.md gives them."""
+    text = (AGENT_DIR.parent / "docs" / "security.md").read_text()
+    blocks = re.findall(r"```conf\n(.*?)```", text, re.DOTALL)
+    assert len(blocks) >= 2, "docs/security.md lost its mosquitto config or ACL block"
+    return blocks[0], blocks[1]
+
+
+@pytest.mark.timeout(30)
+def test_the_documented_broker_setup_works(
+    tmp_path: Path, pki: Pki, uplinks, monkeypatch: pytest.MonkeyPatch, creds_dir: Path
+) -> None:
+    """docs/security.md's broker config and ACL, run as written: the uplink delivers on both listeners
+    (password; password + client certificate), and the ACL lets the back end read it."""
+    conf_text, acl_text = documented_blocks()
+    p1, p2 = free_port(), free_port()
+    subs = {
+        "/etc/mosquitto/passwd": str(make_password_file(tmp_path / "passwd", PASSWORDS)),
+        "/etc/mosquitto/acl": str(tmp_path / "acl"),
+        "/etc/mosquitto/certs/ca.crt": str(pki.ca.cert),
+        "/etc/mosquitto/certs/broker.crt": str(pki.server.cert),
+        "/etc/mosquitto/certs/broker.key": str(pki.server.key),
+        "listener 8883": f"listener {p1} 127.0.0.1",
+        "listener 8884": f"listener {p2} 127.0.0.1",
+    }
+    for old, new in subs.items():
+        assert old in conf_text, f"docs/security.md config no longer has {old!r}"
+        conf_text = conf_text.replace(old, new)
+    (tmp_path / "acl").write_text(acl_text)
+    conf = tmp_path / "documented.conf"
+    conf.write_text(f"user {getpass.getuser()}\n{conf_text}")
+    b = Broker(port=p1, conf=conf, log=tmp_path / "documented.log")
+    b.start()
+    try:
+        sb = SecureBroker(b, p2, 0, pki)
+        sub = backend(sb)
+        gateway_env(monkeypatch)
+        shutil.copy(pki.client.key, creds_dir / "mqtt-tls-key")
+        try:
+            first = uplinks(sb.conn(username="gw-01", password_env="EW_MQTT_PASSWORD"), tmp_path / "a.db")
+            mutual = uplinks(
+                sb.conn(
+                    port=p2,
+                    username="gw-01",
+                    password_env="EW_MQTT_PASSWORD",
+                    tls_cert_file=pki.client.cert,
+                    tls_key_credential="mqtt-tls-key",
+                ),
+                tmp_path / "b.db",
+            )
+            first.enqueue(alert("pump-01", 1))
+            mutual.enqueue(alert("pump-02", 1))
+            first.start()
+            mutual.start()
+            want = {"edgewatch/gw-01/pump-01/alert", "edgewatch/gw-01/pump-02/alert"}
+            assert wait_for(lambda: want <= set(sub.topics()))
+            assert wait_for(lambda: first.outbox.depth() == mutual.outbox.depth() == 0)
+            assert connack(sb.conn(), "ew-anonymous").is_failure  # and nobody gets in without a password
+        finally:
+            sub.close()
+    finally:
+        b.stop()
+
+
 # -- refused connections keep the message ---------------------------------------------------------
 
 
