@@ -232,6 +232,7 @@ class Agent:
 
 def run_from_cli(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("apscheduler").setLevel(logging.WARNING)  # one line per job run is noise
     try:
         config = load_config(args.config)
     except ConfigError as exc:
