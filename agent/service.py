@@ -26,21 +26,13 @@ from agent.config import AgentConfig, ConfigError, load_config
 from agent.db import open_db
 from agent.notify import Notifier
 from agent.pipeline import StageSettings, build_pipeline, channel_norm, model_stages, prime_windower
-from agent.source import MqttSource, SerialSource, Source
+from agent.source import Source, make_source
 from agent.types import Event, RawMessage
 from agent.uplink import ConsoleSink, Outbox, Uplink
 
 log = logging.getLogger("edgewatch")
 
 Task = Callable[[], None]
-
-
-def build_source(cfg: Any) -> Source:
-    if cfg.type == "serial":
-        return SerialSource(cfg)
-    if cfg.type == "mqtt":
-        return MqttSource(cfg)
-    raise ValueError(f"unknown source type {cfg.type!r}")
 
 
 def bundle_fingerprint(path: Path) -> tuple[float, int] | None:
@@ -82,7 +74,7 @@ class Agent:
 
         self.settings = StageSettings.from_config(config)
         self.pipeline = build_pipeline(self.settings, self.bundle, self.db, self.emit)
-        self.sources = sources if sources is not None else [build_source(s) for s in config.sources]
+        self.sources = sources if sources is not None else [make_source(s) for s in config.sources]
         self.scheduler = BackgroundScheduler(daemon=True)
 
     # -- model --------------------------------------------------------------------------------

@@ -39,7 +39,7 @@ fi
 
 # 2. The firmware simulator on a pty: two pumps, pump-01 develops bearing wear.
 $BIN/edgewatch sim serial --pty --seed 7 --devices 2 --speed "$SPEED" --scenario "$SCENARIO" \
-  --fault-after 900 --degradation 900 >"$work/sim.out" 2>"$work/sim.err" &
+  --fault-after 300 --degradation 600 >"$work/sim.out" 2>"$work/sim.err" &
 pids+=($!)
 for _ in $(seq 1 50); do
   pty=$(sed -n 's/^serial port: //p' "$work/sim.out" | head -n1)
@@ -47,7 +47,7 @@ for _ in $(seq 1 50); do
   sleep 0.1
 done
 [ -n "${pty:-}" ] || { echo "simulator did not start:"; cat "$work/sim.err"; exit 1; }
-echo "demo: simulator on $pty at ${SPEED}x, scenario $SCENARIO (fault starts 900 s of sim time in)"
+echo "demo: simulator on $pty at ${SPEED}x, scenario $SCENARIO (bearing wear starts 300 s of sim time in, failure at 900 s)"
 
 # 3. A subscriber that shows what reaches the broker.
 if [ "$uplink_enabled" = true ]; then
