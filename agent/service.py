@@ -206,7 +206,8 @@ class Agent:
                 source.stop()
             except Exception:
                 log.exception("stopping source %s", getattr(source, "name", source))
-        self.scheduler.shutdown(wait=False)
+        if self.scheduler.running:
+            self.scheduler.shutdown(wait=False)
         while True:
             try:
                 self._handle(self.queue.get_nowait())
