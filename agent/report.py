@@ -90,7 +90,8 @@ def _plot(rec: Recording, result: ReplayResult, out: Path) -> Path | None:
         axes[-1].set_yscale("log")
     axes[-1].set_ylabel("error", fontsize=8)
     axes[-1].set_xlabel("hours since start")
-    axes[0].legend(loc="upper left", fontsize=7)
+    if axes[0].get_legend_handles_labels()[0]:
+        axes[0].legend(loc="upper left", fontsize=7)
     fig.suptitle(f"{rec.device} ({Path(rec.source).name})", fontsize=10)
     fig.tight_layout()
     path = out / f"{rec.device}.png"
@@ -125,7 +126,7 @@ def write_replay_report(result: ReplayResult, out: Path, bundle: Bundle) -> Path
     metrics: dict[str, Any] = {}
     if total is not None:
         metrics = {"total": total.to_dict(), "devices": {d: e.to_dict() for d, e in per_device.items()}}
-        p, ev = total.point, total.events
+        p, ev = total.point, total.event
         lines += [
             "",
             "## Against the labels",
@@ -135,7 +136,7 @@ def write_replay_report(result: ReplayResult, out: Path, bundle: Bundle) -> Path
             "",
             "| precision | recall | F1 | FAR % | MAR % | events found | false alerts | median time to detect | median lead time before failure |",
             "|---|---|---|---|---|---|---|---|---|",
-            f"| {p.precision:.3f} | {p.recall:.3f} | {p.f1:.3f} | {p.far:.2f} | {p.mar:.2f} | "
+            f"| {p.precision:.3f} | {p.recall:.3f} | {p.f1:.3f} | {100 * p.far:.2f} | {100 * p.mar:.2f} | "
             f"{ev.n_detected}/{ev.n_events} | {ev.n_false_alerts} | {ev.median_time_to_detect:.0f} s | "
             f"{ev.median_lead_time:.0f} s |",
         ]
