@@ -116,6 +116,13 @@ class SkabConfig(BaseModel):
         description="second operating point, chosen for the leaderboard rule on valve1 (reported apart)",
     )
     if_trees: int = Field(default=100, ge=1, description="IsolationForest trees")
+    if_decision: DecisionConfig = Field(
+        default_factory=lambda: DecisionConfig(
+            ewma_alpha=0.1, threshold_quantile=0.95, threshold_margin=1.05
+        ),
+        description="IsolationForest decision stage, chosen on valve1 like ours (its score is bounded "
+        "below 1, so the LSTM's margin would never be reached)",
+    )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -223,7 +230,7 @@ def run_isolation_forest(f: SkabFile, cfg: SkabConfig, seed: int) -> FileResult:
     xs = (x - mu) / np.where(sd > 0, sd, 1.0)
     model = IsolationForest(n_estimators=cfg.if_trees, random_state=seed, n_jobs=1).fit(xs[:TRAIN_ROWS])
     raw = -model.score_samples(xs)  # higher = more anomalous
-    state, thr = decide(raw, TRAIN_ROWS, cfg.decision)
+    state, thr = decide(raw, TRAIN_ROWS, cfg.if_decision)
     return FileResult(state[TRAIN_ROWS:], thr)
 
 
@@ -388,15 +395,17 @@ def run_lstm(
     lb_state, lb_thr = decide(raw8, n_train, cfg.leaderboard_decision)
     if lat32 is not None:  # the same decisions from the fp32 model: what quantization changed
         state32, _ = decide(hotelling_t2(lat32, n_train, cfg.ridge), n_train, cfg.decision)
-        info["int8_fp32_row_agreement"] = float(
-            np.mean(_test_part(state, cfg.window) == _test_part(state32, cfg.window))
-        )
+        rows32 = _test_part(state32, cfg.window)
+        info["int8_fp32_row_agreement"] = float(np.mean(_test_part(state, cfg.window) == rows32))
     info["bundle_bytes_int8"] = (bdir / "model.onnx").stat().st_size
     shutil.rmtree(bdir, ignore_errors=True)
-    return {
+    out = {
         "streaming": FileResult(_test_part(state, cfg.window), thr, info),
         "leaderboard": FileResult(_test_part(lb_state, cfg.window), lb_thr, {}),
     }
+    if lat32 is not None:
+        out["fp32"] = FileResult(rows32, float("nan"), {})
+    return out
 
 
 # --------------------------------------------------------------------------------------------------
@@ -474,16 +483,27 @@ def run_skab(data_dir: str | Path, out_dir: str | Path | None, cfg: SkabConfig, 
                 done = list(pool.map(_lstm_task, tasks))
         else:
             done = [_lstm_task(task) for task in tasks]
+    by_file = {f.name: f for f in files}
     for seed in seeds:
-        rows, lb_rows = {}, {}
+        rows, lb_rows, fp32_rows = {}, {}, {}
         for name, s, res in done:
             if s != seed:
                 continue
             r = res["streaming"]
             rows[name], lb_rows[name] = r.rows, res["leaderboard"].rows
-            info["lstm"].append({"file": name, "seed": seed, "threshold": r.threshold, **r.extra})
+            if "fp32" in res:
+                fp32_rows[name] = res["fp32"].rows
+            c = confusion(by_file[name].anomaly[TRAIN_ROWS:], r.rows)
+            counts = {"tp": c.tp, "fp": c.fp, "fn": c.fn, "tn": c.tn}
+            info["lstm"].append(
+                {"file": name, "seed": seed, "threshold": r.threshold, "streaming_counts": counts, **r.extra}
+            )
         per_seed["lstm_ae_int8"].append(score_rows(files, rows, cfg.window))
         per_seed["lstm_ae_int8_leaderboard_tuned"].append(score_rows(files, lb_rows, cfg.window))
+        if len(fp32_rows) == len(files):
+            per_seed.setdefault("lstm_ae_fp32_first_seed", []).append(
+                score_rows(files, fp32_rows, cfg.window)
+            )
     timings["lstm_s"] = round(time.perf_counter() - t, 1)
     t = time.perf_counter()  # IsolationForest has no training seed of ours: random_state 0, as upstream
     rows = {f.name: run_isolation_forest(f, cfg, 0).rows for f in files}
