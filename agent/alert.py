@@ -32,9 +32,9 @@ class AlertConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     open_k: int = Field(
-        3, ge=1, description="anomalous windows among the last open_n needed to open an alert"
+        10, ge=1, description="anomalous windows among the last open_n needed to open an alert"
     )
-    open_n: int = Field(5, ge=1, description="size of the k-of-n window used to open an alert")
+    open_n: int = Field(12, ge=1, description="size of the k-of-n window used to open an alert")
     recovery_ratio: float = Field(
         0.8,
         gt=0.0,

@@ -21,7 +21,9 @@ from agent.alert import AlertConfig, AlertManager
 from agent.db import open_db
 from agent.types import Event, Judgement, Score
 
-CFG = AlertConfig()  # 3 of 5, recovery 0.8, resolve 5, cooldown 300 s, update every 10, critical 3
+CFG = AlertConfig(
+    open_k=3, open_n=5
+)  # the small k-of-n these tests were worked out for; recovery 0.8, resolve 5, cooldown 300 s, update every 10, critical 3
 CH = {"temperature": 1.0, "vibration": 3.0, "pressure": 1.0}
 PAYLOAD_KEYS = {
     "v", "type", "msg_id", "alert_id", "state", "gateway", "device", "model_id", "ts", "opened_ts",
