@@ -119,7 +119,12 @@ class MqttConnectionConfig(BaseModel):
     port: int | None = Field(
         None, ge=1, le=65535, description="Broker TCP port. Default 1883, or 8883 when tls = true."
     )
-    protocol: Literal["3.1.1", "5"] = Field("3.1.1", description='MQTT protocol version: "3.1.1" or "5".')
+    protocol: Literal["3.1.1", "5"] = Field(
+        "5",
+        description='MQTT protocol version: "5" (default; a publish the broker refuses, e.g. by ACL, is '
+        'reported and stays in the outbox) or "3.1.1" (mosquitto acknowledges a refused publish and '
+        "drops it silently).",
+    )
     keepalive: int = Field(30, ge=5, le=65535, description="Keepalive interval in seconds.")
     session_expiry_s: int = Field(
         86400,
