@@ -153,3 +153,25 @@ print(json.dumps({{"windows": len(res.judgements), "bad": bad}}))
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result["windows"] > 50
     assert result["bad"] == []
+
+
+@pytest.mark.timeout(120)
+def test_garbage_on_the_wire_is_a_health_event(
+    broker: Broker, tmp_path: Path, procs: list[subprocess.Popen]
+) -> None:
+    sub = Subscriber(broker, "edgewatch/gw-test/+/health")
+    sim, pty = start_sim_pty(
+        "--seed", "5", "--devices", "1", "--speed", "20", "--scenario", "sensor_garbage", "--fault-after", "60",
+    )  # fmt: skip
+    procs.append(sim)
+    source = f'[[sources]]\ntype = "serial"\nname = "bus"\nport = "{pty}"'
+    cfg = write_config(tmp_path / "ew.toml", tmp_path / "state", broker, source)
+    agent = start_agent(cfg, tmp_path / "agent.log")
+    procs.append(agent)
+    try:
+        _, event = sub.wait_for(lambda t, p: p["kind"] == "garbage" and p["state"] == "raised", 90)
+    finally:
+        sub.close()
+    assert not list(schema("health").iter_errors(event))
+    assert event["device"] in (pty, "pump-01"), event  # unparseable lines are attributed to the port
+    assert stop(agent) == 0

@@ -163,3 +163,17 @@ def test_replay_equals_live(broker: Broker, tmp_path: Path, procs: list) -> None
         json.loads(x)["alert_id"] for x in (tmp_path / "d.jsonl").read_text().splitlines() if '"alert"' in x
     }
     assert opened == {r[0] for r in live}, direct.stderr
+
+
+def test_sensor_faults_are_health_events_not_machine_alerts(tmp_path: Path) -> None:
+    rec = sim_record(
+        tmp_path / "sf.csv", "--seed", "5", "--devices", "1", "--hours", "3", "--scenario", "sensor_faults"
+    )
+    result = run_replay([rec], tmp_path)
+    raised = {
+        (e.payload["kind"])
+        for e in result.events
+        if e.topic_kind == "health" and e.payload["state"] == "raised"
+    }
+    assert {"stuck", "silent", "nan"} <= raised, raised
+    assert result.alerts() == [], "a sensor fault must not masquerade as a machine anomaly"
