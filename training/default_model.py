@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from agent.bundle import finalize_bundle, load_bundle
+from agent.bundle import finalize_bundle, load_bundle, sha256_file
 from agent.score import Scorer
 from firmware_sim.record import DEFAULT_START, record
 from firmware_sim.scenario import build_scenario
@@ -136,6 +136,7 @@ def evaluate_heldout(out: Path, res: BuildResult, heldout: Path) -> dict[str, ob
         "window_level": window_auc,
         "rules": results,
         "heldout_file": heldout.name,
+        "heldout_sha256": sha256_file(heldout),
         "eval_seed": EVAL_SEED,
     }
 
