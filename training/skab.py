@@ -81,7 +81,7 @@ class DecisionConfig(BaseModel):
 def _leaderboard_tuned() -> DecisionConfig:
     """Best leaderboard-rule F1 on valve1 with FAR <= 10 and MAR <= 12 (it exploits the rule's look-ahead)."""
     return DecisionConfig(
-        ewma_alpha=0.03, threshold_quantile=0.95, threshold_margin=1.5, recovery_ratio=0.5, resolve_m=20
+        ewma_alpha=0.03, threshold_quantile=0.95, threshold_margin=1.25, recovery_ratio=0.5, resolve_m=20
     )
 
 
@@ -105,7 +105,7 @@ class SkabConfig(BaseModel):
     )
     seeds: list[int] = Field(default_factory=lambda: [0, 1, 2], description="training seeds (averaged)")
     ridge: float = Field(
-        default=0.03, ge=0, description="covariance ridge for T2, relative to the mean code variance"
+        default=0.1, ge=0, description="covariance ridge for T2, relative to the mean code variance"
     )
     decision: DecisionConfig = Field(
         default_factory=DecisionConfig,
