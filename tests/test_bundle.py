@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.bundle import MANIFEST_NAME, BundleError, Manifest, finalize_bundle, load_bundle
+from agent.bundle import MANIFEST_NAME, BundleError, Manifest, finalize_bundle, load_bundle, write_bundle
 
 pytest.importorskip("torch")
 from training.synth import tiny_bundle
@@ -140,3 +140,13 @@ def test_finalize_refuses_without_model(tmp_path: Path, pristine: Path) -> None:
     with pytest.raises(BundleError, match=r"model file missing"):
         finalize_bundle(tmp_path, m)
     assert not (tmp_path / MANIFEST_NAME).exists()
+
+
+def test_write_bundle_writes_files_then_manifest(pristine: Path, tmp_path: Path) -> None:
+    m = Manifest.model_validate(_manifest(pristine))
+    out = tmp_path / "written"
+    files = {"model.onnx": (pristine / "model.onnx").read_bytes(), "notes/readme.txt": b"hello\n"}
+    written = write_bundle(out, m, files)
+    assert set(written.files) == {"model.onnx", "notes/readme.txt"}
+    b = load_bundle(out)
+    assert b.manifest.files == written.files and b.model_id.startswith("written-")

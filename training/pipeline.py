@@ -8,7 +8,6 @@ with `manifest.json` last, so a failed run never leaves a loadable bundle behind
 from __future__ import annotations
 
 import logging
-import shutil
 import time
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -343,8 +342,3 @@ def build_bundle(paths: list[str | Path], out: str | Path, cfg: PipelineConfig) 
     res.manifest.training["total_seconds"] = round(time.perf_counter() - t_start, 2)
     res.manifest = finalize_bundle(root, res.manifest)
     return res
-
-
-def remove_bundle(path: Path) -> None:
-    """Delete a bundle directory written by a failed run (tests and scripts)."""
-    shutil.rmtree(path, ignore_errors=True)
