@@ -53,8 +53,9 @@ def plot_hist(path: Path, groups: dict[str, np.ndarray], thresholds: dict[str, f
     for name, t in thresholds.items():
         ax.axvline(t, ls="--", lw=1, color="k" if name == "p99" else "grey", label=name)
     ax.set_xscale("log")
+    ax.set_yscale("log")  # the tail above the thresholds is what matters; linear density hides it
     ax.set_xlabel("window reconstruction error")
-    ax.set_ylabel("density")
+    ax.set_ylabel("density (log)")
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=90)
