@@ -9,6 +9,7 @@ the pipeline.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import queue
 import signal
@@ -64,7 +65,8 @@ class Agent:
         self.bundle = load_bundle(config.model.path)
         self._bundle_seen = bundle_fingerprint(Path(config.model.path))
 
-        self.outbox = Outbox(self.db_path, config.uplink)
+        # Both connections get the configured durability: the outbox holds what still has to go upstream.
+        self.outbox = Outbox(self.db_path, config.uplink, synchronous=config.buffer.synchronous)
         self.uplink: Uplink | None = (
             Uplink(config.uplink, self.outbox, config.gateway.id, self.status)
             if config.uplink.enabled
@@ -76,6 +78,29 @@ class Agent:
         self.pipeline = build_pipeline(self.settings, self.bundle, self.db, self.emit)
         self.sources = sources if sources is not None else [make_source(s) for s in config.sources]
         self.scheduler = BackgroundScheduler(daemon=True)
+        if self.uplink is not None:
+            self.resend_last_alerts()
+
+    def resend_last_alerts(self) -> int:
+        """Queue again the last alert message of each device (a no-op while it is still in the outbox).
+
+        The alert state commits before its message reaches the outbox (a second connection), so a crash
+        between the two would leave an alert the broker never hears of. Re-queueing the newest message
+        per device at start closes that gap; if it was delivered already the consumer sees a duplicate
+        with the same msg_id, which at-least-once delivery allows (docs/reliability.md)."""
+        rows = self.db.execute(
+            "SELECT device, payload_json FROM alerts a WHERE updated_ts = "
+            "(SELECT max(updated_ts) FROM alerts b WHERE b.device = a.device)"
+        ).fetchall()
+        sent = 0
+        for device, payload_json in rows:
+            try:
+                payload = json.loads(payload_json)
+            except ValueError as exc:
+                log.error("alert row of %s has an unreadable payload, not resent: %s", device, exc)
+                continue
+            sent += int(self.emit_upstream(Event(topic_kind="alert", device=device, payload=payload)))
+        return sent
 
     # -- model --------------------------------------------------------------------------------
     def check_model(self) -> None:
@@ -104,8 +129,11 @@ class Agent:
     def emit(self, event: Event) -> None:
         if self.console is not None:
             self.console(event)
-        if self.uplink is not None:
-            self.uplink.enqueue(event)
+        self.emit_upstream(event)
+
+    def emit_upstream(self, event: Event) -> bool:
+        """Into the outbox (False: uplink disabled, or the outbox dropped or could not store it)."""
+        return self.uplink.enqueue(event) if self.uplink is not None else False
 
     def status(self) -> dict[str, Any]:
         """Body of the retained status message (the uplink adds envelope fields)."""

@@ -1,0 +1,184 @@
+"""kill -9 harness: the agent, fed by the simulator with a fault (so alerts happen), is SIGKILLed at random
+moments and restarted on the same state. After every kill the database must be intact and hold
+everything it had committed; at the end every alert the agent opened must have reached the broker
+(matched by id), a message seen twice must be the same message, and threshold baselines must have
+carried on from where they were. `make soak` runs the same harness with >= 50 kills (soak_crash.py).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import signal
+import sqlite3
+import subprocess
+import time
+from contextlib import closing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+from agent_proc import Subscriber, start_agent, start_sim_pty, stop, write_config
+from conftest import Broker
+
+# Fast persistence and quick, chatty alerts so a few seconds of uptime between kills exercise every
+# table and path (this harness tests delivery, not detection quality).
+EXTRA_CONFIG = """
+[scheduler]
+flush_interval_s = 1
+
+[threshold]
+persist_every_s = 1
+
+[alerts]
+persist_every_s = 1
+open_k = 3
+open_n = 5
+update_every = 2
+"""
+
+
+@dataclass
+class Snapshot:
+    """What a reader sees committed in the database at one moment."""
+
+    max_rowid: int
+    readings: tuple[int, float]  # count and sum of ts over rowid <= max_rowid
+    alerts: dict[str, int]  # alert_id -> n of the last message the row records
+    thresholds: dict[str, list[float]] = field(default_factory=dict)
+
+
+def snapshot(db_path: Path) -> Snapshot:
+    if not db_path.exists():
+        return Snapshot(0, (0, 0.0), {})
+    with closing(sqlite3.connect(f"file:{db_path}?mode=ro", uri=True, timeout=10)) as db:
+        tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        if "state" not in tables:  # killed before the first migration committed
+            return Snapshot(0, (0, 0.0), {})
+        max_rowid = db.execute("SELECT coalesce(max(rowid), 0) FROM readings").fetchone()[0]
+        count, total = db.execute(
+            "SELECT count(*), coalesce(sum(ts), 0) FROM readings WHERE rowid <= ?", [max_rowid]
+        ).fetchone()
+        alerts = {
+            a: int(json.loads(p)["msg_id"].rsplit(":", 1)[1])
+            for a, p in db.execute("SELECT alert_id, payload_json FROM alerts")
+        }
+        thresholds = {
+            k.split(":", 1)[1]: json.loads(v)["scores"]
+            for k, v in db.execute("SELECT key, value_json FROM state WHERE key LIKE 'threshold:%'")
+        }
+    return Snapshot(max_rowid, (count, total), alerts, thresholds)
+
+
+def integrity(db_path: Path) -> str:
+    with closing(
+        sqlite3.connect(db_path, timeout=10)
+    ) as db:  # read-write: recovers the WAL as a restart would
+        return db.execute("PRAGMA integrity_check").fetchone()[0]
+
+
+def outbox_depth(db_path: Path) -> int:
+    with closing(sqlite3.connect(f"file:{db_path}?mode=ro", uri=True, timeout=10)) as db:
+        return db.execute("SELECT count(*) FROM outbox").fetchone()[0]
+
+
+def resumed(before: list[float], after: list[float]) -> bool:
+    """True if `after` continues `before`: some suffix of the older ring starts the newer one (the ring
+    may have rolled over) or the newer ring is the older one plus new scores."""
+    if not before:
+        return True
+    return any(after[:m] == before[-m:] for m in range(len(before), 0, -1))
+
+
+def run_kill_harness(
+    broker: Broker, tmp_path: Path, procs: list[subprocess.Popen], kills: int, seed: int = 7
+) -> dict[str, int]:
+    """Kill and restart the agent `kills` times; assert the guarantees; return counts for the report."""
+    rnd = random.Random(seed)
+    sub = Subscriber(broker, "edgewatch/gw-test/+/alert")
+    sim, pty = start_sim_pty(
+        "--seed", str(seed), "--devices", "2", "--speed", "100", "--scenario", "bearing_wear",
+        "--fault-after", "120", "--degradation", "600",
+    )  # fmt: skip
+    procs.append(sim)
+    source = f'[[sources]]\ntype = "serial"\nname = "bus"\nport = "{pty}"\n{EXTRA_CONFIG}'
+    cfg = write_config(tmp_path / "ew.toml", tmp_path / "state", broker, source)
+    db_path = tmp_path / "state" / "edgewatch.db"
+    resumes = 0
+    prev_thresholds: dict[str, list[float]] = {}
+    try:
+        for i in range(kills):
+            agent = start_agent(cfg, tmp_path / f"run{i}.log")
+            procs.append(agent)
+            time.sleep(rnd.uniform(1.0, 5.0))
+            before = snapshot(db_path)
+            agent.send_signal(signal.SIGKILL)
+            assert agent.wait(10) == -signal.SIGKILL
+            if not db_path.exists():  # killed before it created its database: nothing to check yet
+                continue
+            assert integrity(db_path) == "ok", f"kill {i}"
+            after = snapshot(db_path)
+            # every reading committed before the kill is still there, unchanged
+            assert after.max_rowid >= before.max_rowid
+            with closing(sqlite3.connect(db_path)) as db:
+                kept = db.execute(
+                    "SELECT count(*), coalesce(sum(ts), 0) FROM readings WHERE rowid <= ?", [before.max_rowid]
+                ).fetchone()
+            assert kept == before.readings, f"kill {i}: committed readings changed"
+            # every committed alert is still there, and never went back to an earlier message
+            for alert_id, n in before.alerts.items():
+                assert after.alerts.get(alert_id, -1) >= n, f"kill {i}: alert {alert_id} lost or rewound"
+            # the baseline this run restored from is continued, not restarted
+            for device, scores in after.thresholds.items():
+                if device in prev_thresholds:
+                    assert resumed(prev_thresholds[device], scores), f"kill {i}: {device} baseline reset"
+                    resumes += scores != prev_thresholds[device]
+            prev_thresholds = after.thresholds
+        sim.terminate()
+        sim.wait(10)
+        # a last clean run drains the outbox
+        agent = start_agent(cfg, tmp_path / "final.log")
+        procs.append(agent)
+        deadline = time.monotonic() + 60
+        log = tmp_path / "final.log"
+        while time.monotonic() < deadline and ("running" not in log.read_text() or outbox_depth(db_path)):
+            time.sleep(0.5)
+        time.sleep(1.0)
+        assert stop(agent) == 0, (tmp_path / "final.log").read_text()[-2000:]
+        assert outbox_depth(db_path) == 0
+    finally:
+        sub.close()
+    seen: dict[str, list[dict]] = {}
+    while not sub.messages.empty():
+        _, payload = sub.messages.get()
+        seen.setdefault(payload["msg_id"], []).append(payload)
+    final = snapshot(db_path)
+    assert final.alerts, "no alert was opened: the harness did not exercise alert delivery"
+    for alert_id, n in final.alerts.items():
+        assert f"{alert_id}:0" in seen, f"open of alert {alert_id} never reached the broker"
+        assert f"{alert_id}:{n}" in seen, f"last message of alert {alert_id} never reached the broker"
+    duplicates = 0
+    for msg_id, copies in seen.items():
+        assert all(c == copies[0] for c in copies), f"{msg_id} carried different contents"
+        assert msg_id.rsplit(":", 1)[0] == copies[0]["alert_id"]
+        duplicates += len(copies) - 1
+    for log in tmp_path.glob("run*.log"):
+        assert "database disk image is malformed" not in log.read_text()
+    assert resumes > 0, "no baseline was ever carried across a kill"
+    return {
+        "kills": kills,
+        "alerts": len(final.alerts),
+        "messages": len(seen),
+        "duplicates": duplicates,
+        "readings": final.readings[0],
+        "baseline_resumes": resumes,
+    }
+
+
+@pytest.mark.timeout(150)
+def test_sigkill_at_random_moments_loses_nothing_committed(
+    broker: Broker, tmp_path: Path, procs: list[subprocess.Popen]
+) -> None:
+    result = run_kill_harness(broker, tmp_path, procs, kills=6)
+    print(result)
+    assert result["readings"] > 0
