@@ -30,6 +30,10 @@ lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
+## bench: every performance figure next to its reference; rewrites docs/benchmarks.md
+bench: install
+	$(BIN)/edgewatch bench --out docs/benchmarks.md --json bench.json
+
 ## model: regenerate models/default from a fixed-seed simulator recording
 model: install
 	$(BIN)/python -m training.default_model --out models/default

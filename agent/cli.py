@@ -164,6 +164,30 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=handler)
 
 
+def _add_bench(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "bench", help="measure speed, memory, CPU and size against references (docs/benchmarks.md)"
+    )
+    p.add_argument("--quick", action="store_true", help="small sizes, slow rows skipped (< 60 s)")
+    p.add_argument("--json", default=None, metavar="FILE", help="also write the results as JSON")
+    p.add_argument(
+        "--out", default=None, metavar="FILE", help="write the markdown report (e.g. docs/benchmarks.md)"
+    )
+    p.add_argument(
+        "--skab",
+        default="/work/shared/datasets/skab",
+        metavar="DIR",
+        help="SKAB data directory (row skipped if absent)",
+    )
+
+    def handler(args: argparse.Namespace) -> int | None:
+        from agent.bench import run_bench_cli
+
+        return run_bench_cli(args)
+
+    p.set_defaults(handler=handler)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="edgewatch", description="Predictive-maintenance agent for edge gateways."
@@ -172,7 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser.add_argument("--version", action="version", version=f"edgewatch {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_add_run, _add_config, _add_sim, _add_replay, _add_export, _add_train, _add_eval):
+    for add in (_add_run, _add_config, _add_sim, _add_replay, _add_export, _add_train, _add_eval, _add_bench):
         add(sub)
     return parser
 
