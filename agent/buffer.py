@@ -13,6 +13,7 @@ import json
 import logging
 import math
 import sqlite3
+import time
 from collections.abc import Iterable
 from typing import Literal
 
@@ -82,18 +83,20 @@ class Buffer:
         self.config = config or BufferConfig()
         self._readings: list[tuple] = []
         self._scores: list[tuple] = []
+        self._retry_at = 0  # after a failed write, next try once this many rows are pending (not per row)
+        self._retaining = False
 
     # -- writing --------------------------------------------------------------------------------
     def add(self, reading: Reading) -> None:
         """Queue an accepted reading; written with the next full batch or flush()."""
         self._readings.append(_reading_row(reading))
-        if len(self._readings) >= self.config.batch_size:
+        if len(self._readings) >= self.config.batch_size and self.pending >= self._retry_at:
             self.flush()
 
     def add_judgements(self, judgements: Iterable[Judgement]) -> None:
         """Queue scored windows (with the threshold and verdict they got)."""
         self._scores.extend(_score_row(j) for j in judgements)
-        if len(self._scores) >= self.config.batch_size:
+        if len(self._scores) >= self.config.batch_size and self.pending >= self._retry_at:
             self.flush()
 
     @property
@@ -126,16 +129,34 @@ class Buffer:
                 if len(rows) > limit:
                     dropped += len(rows) - limit
                     del rows[: len(rows) - limit]
+            if dropped:
+                metrics.BUFFER_DROPPED.inc(dropped)
             log.error(
                 "buffer write failed (%s); %d rows kept for retry, %d oldest dropped",
                 e,
                 self.pending,
                 dropped,
             )
+            self._retry_at = self.pending + self.config.batch_size
+            if getattr(e, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL and not self._retaining:
+                return self._retain_when_full()
             return False
         self._readings.clear()
         self._scores.clear()
+        self._retry_at = 0
         return True
+
+    def _retain_when_full(self) -> bool:
+        """Disk full: apply retention now rather than at the next job, so its caps free pages (reused by
+        SQLite) for the rows waiting; try once more if it deleted anything. Data time, not the wall
+        clock, is its "now", so a replay of old data is not wiped by age."""
+        self._retaining = True
+        try:
+            newest = max((r[1] for r in self._readings), default=None)
+            deleted = self.apply_retention(newest if newest is not None else time.time())
+            return self.flush() if deleted["readings"] or deleted["scores"] else False
+        finally:
+            self._retaining = False
 
     # -- retention ------------------------------------------------------------------------------
     def used_bytes(self) -> int:
@@ -147,7 +168,8 @@ class Buffer:
 
     def apply_retention(self, now: float) -> dict[str, int]:
         """Delete by age, then the oldest readings/scores until under max_db_mb; return rows deleted."""
-        self.flush()
+        if not self._retaining:
+            self.flush()
         cutoff = now - self.config.retention_hours * 3600.0
         deleted = {"readings": 0, "scores": 0}
         deleted["readings"] += self._delete("DELETE FROM readings WHERE ts < ?", cutoff)

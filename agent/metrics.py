@@ -46,4 +46,9 @@ THRESHOLD = Gauge(
     "edgewatch_threshold", "Current anomaly threshold per device", ["device"], registry=REGISTRY
 )
 LAST_SCORE = Gauge("edgewatch_score", "Last window score per device", ["device"], registry=REGISTRY)
+BUFFER_DROPPED = Counter(
+    "edgewatch_buffer_dropped",
+    "Readings and scores dropped unwritten: the database refused writes past the in-memory bound",
+    registry=REGISTRY,
+)
 DB_ERRORS = Counter("edgewatch_db_errors", "SQLite errors, by kind", ["kind"], registry=REGISTRY)
