@@ -18,8 +18,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from agent_proc import Subscriber, start_agent, start_sim_pty, stop, write_config
+from agent_proc import MODEL, Subscriber, start_agent, start_sim_pty, stop, write_config
 from conftest import Broker
+
+from agent.config import load_config
+from agent.service import Agent
 
 # Fast persistence and quick, chatty alerts so a few seconds of uptime between kills exercise every
 # table and path (this harness tests delivery, not detection quality).
@@ -182,3 +185,74 @@ def test_sigkill_at_random_moments_loses_nothing_committed(
     result = run_kill_harness(broker, tmp_path, procs, kills=6)
     print(result)
     assert result["readings"] > 0
+
+
+# --- the two service fixes this harness motivated ---------------------------------------------------
+
+
+def _service_config(tmp_path: Path, synchronous: str) -> Path:
+    cfg = tmp_path / "svc.toml"
+    cfg.write_text(
+        f"""
+[gateway]
+id = "gw-svc"
+state_dir = "{tmp_path / "state"}"
+
+[[sources]]
+type = "serial"
+name = "unused"
+port = "/dev/null"
+
+[model]
+path = "{MODEL}"
+
+[buffer]
+synchronous = "{synchronous}"
+
+[uplink]
+shutdown_flush_s = 0
+
+[uplink.mqtt]
+host = "127.0.0.1"
+port = 9
+
+[metrics]
+enabled = false
+"""
+    )
+    return cfg
+
+
+@pytest.mark.parametrize(("mode", "code"), [("NORMAL", 1), ("FULL", 2)])
+def test_buffer_synchronous_applies_to_the_outbox_connection_too(
+    tmp_path: Path, mode: str, code: int
+) -> None:
+    agent = Agent(load_config(_service_config(tmp_path, mode)), sources=[])
+    try:
+        assert agent.db.execute("PRAGMA synchronous").fetchone()[0] == code
+        assert agent.outbox._conn.execute("PRAGMA synchronous").fetchone()[0] == code
+    finally:
+        agent.shutdown()
+
+
+def test_alert_committed_but_never_queued_is_sent_after_a_restart(tmp_path: Path) -> None:
+    """The crash window between the alert state commit and the outbox put: at start the agent queues
+    each device's last alert message again (once: a message still in the outbox is not doubled)."""
+    cfg = load_config(_service_config(tmp_path, "NORMAL"))
+    agent = Agent(cfg, sources=[])
+    payload = {"v": 1, "type": "alert", "msg_id": "abc:2", "alert_id": "abc", "state": "update"}
+    older = dict(payload, msg_id="abc:1")
+    for p, ts in ((older, 1.0), (payload, 2.0)):
+        agent.db["alerts"].upsert(
+            {"alert_id": p["msg_id"], "device": "pump-01", "kind": "anomaly", "state": "open", "opened_ts": 0.0,
+             "updated_ts": ts, "resolved_ts": None, "peak": 1.0, "payload_json": json.dumps(p)},
+            pk="alert_id",
+        )  # fmt: skip
+    agent.shutdown()
+    for _ in range(2):
+        agent = Agent(cfg, sources=[])
+        rows = agent.outbox.peek(10)
+        agent.shutdown()
+        assert [(r.msg_id, r.topic, json.loads(r.payload)) for r in rows] == [
+            ("abc:2", "edgewatch/gw-svc/pump-01/alert", payload)
+        ]
