@@ -8,9 +8,11 @@ rows only; point-wise counts summed over files; NAB with 60 s windows right of e
   ONNX output (the encoder's code), int8-quantized by `training.export.quantize_int8` into a verified
   bundle (`agent.bundle`), scored through `agent.score.Scorer`'s session. Window score = Hotelling T2 of
   the code against the training windows' codes, EWMA-smoothed; threshold = margin x quantile of the
-  training windows' smoothed scores; alert stage = k-of-n to open, hysteresis + m windows to resolve.
-- `isolation_forest`: scikit-learn IsolationForest on the same channels and rows, same smoothing,
-  threshold and alert stage (the same protocol), plus the notebook's recipe for reference.
+  training windows' smoothed scores; alert state (optional k-of-n to open, hysteresis + m windows to
+  resolve). `lstm_ae_int8_leaderboard_tuned` is the same model with a second decision stage chosen for
+  the leaderboard rule; `lstm_ae_fp32_first_seed` the fp32 twin of the first seed (quantization cost).
+- `isolation_forest`: scikit-learn IsolationForest on the same channels and rows with the same kind of
+  decision stage (chosen on valve1 too), plus the notebook's recipe for reference.
 - `constant_alarm`: flags everything (what the row rules alone are worth).
 
 Every choice was made on valve1/ only; the report separates valve2/ + other/ (never used for a choice).
