@@ -175,7 +175,7 @@ class HealthMonitor:
         run = self._runs.get(key)
         if run is not None and max(run.hi, value) - min(run.lo, value) <= self.config.stuck_eps:
             run.lo, run.hi, run.n = min(run.lo, value), max(run.hi, value), run.n + 1
-            episode = self._open.get((device, channel, "stuck"))
+            episode = self._open.get((device, channel, "stuck")) if self._open else None
             if episode is not None:
                 episode.count = run.n
                 return []
@@ -183,7 +183,15 @@ class HealthMonitor:
                 detail = f"{run.n} consecutive readings at {value:g}"
                 return [self._raise("stuck", device, channel, now, run.n, detail)]
             return []
-        self._runs[key] = _Run(lo=value, hi=value, n=1)
+        # Hot path (called per channel per reading): restart the run in place, and skip the episode
+        # lookup while nothing is open.
+        if run is None:
+            self._runs[key] = _Run(lo=value, hi=value, n=1)
+        else:
+            run.lo = run.hi = value
+            run.n = 1
+        if not self._open:
+            return []
         episode = self._open.get((device, channel, "stuck"))
         if episode is None:
             return []

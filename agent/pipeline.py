@@ -69,6 +69,7 @@ class Pipeline:
         self._emit = emit
         self._on_judgement = on_judgement
         self.stats = PipelineStats()
+        self._metric_children: dict[str, tuple[Any, Any]] = {}
 
     # -- inputs ---------------------------------------------------------------------------------
     def process_raw(self, msg: RawMessage) -> None:
@@ -106,8 +107,9 @@ class Pipeline:
             if self.alerts.open_alert(score.device) is None:
                 self.thresholder.learn_one(judgement)
             judgements.append(judgement)
-            metrics.WINDOWS_SCORED.labels(score.device).inc()
-            metrics.LAST_SCORE.labels(score.device).set(score.error)
+            scored, last = self._device_metrics(score.device)
+            scored.inc()
+            last.set(score.error)
             self.stats.windows += 1
             self.stats.anomalous_windows += int(judgement.anomalous)
             if self._on_judgement is not None:
@@ -128,6 +130,16 @@ class Pipeline:
         self.thresholder = thresholder
 
     # -- helpers --------------------------------------------------------------------------------
+    def _device_metrics(self, device: str) -> tuple[Any, Any]:
+        """The device's WINDOWS_SCORED and LAST_SCORE children, looked up once (labels() is not free)."""
+        pair = self._metric_children.get(device)
+        if pair is None:
+            pair = self._metric_children[device] = (
+                metrics.WINDOWS_SCORED.labels(device),
+                metrics.LAST_SCORE.labels(device),
+            )
+        return pair
+
     def _rejected(self, reject: Reject, origin: str, now: float) -> None:
         self.stats.rejected[reject.reason] = self.stats.rejected.get(reject.reason, 0) + 1
         self._send(self.health.observe_reject(reject, origin, now))

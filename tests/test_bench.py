@@ -11,6 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 EDGEWATCH = str(Path(sys.executable).parent / "edgewatch")
@@ -67,3 +68,44 @@ def test_bench_quick_writes_json_and_markdown(tmp_path: Path) -> None:
     assert text.startswith("# Benchmarks")
     assert "| section | figure | value |" in text and "Machine:" in text and "Versions:" in text
     assert text.count("\n| ") - 1 == len(rep["rows"])  # header separator excluded; one line per row
+
+
+def _windows_both_ways(readings: list) -> tuple[list, list]:  # type: ignore[type-arg]
+    """Windows from the Windower as shipped, and from one forced through agent.resample every time."""
+    from agent.resample import resample_to_grid
+    from agent.window import Windower
+
+    fast = Windower(["a", "b"], window=16, stride=4, period=1.0, max_gap=3.0)
+    slow = Windower(["a", "b"], window=16, stride=4, period=1.0, max_gap=3.0)
+    slow._on_grid = lambda st: resample_to_grid(  # type: ignore[method-assign]
+        np.fromiter(st.ts, dtype=np.float64), np.array(st.rows, dtype=np.float64), 1.0, 3.0
+    )
+    out_fast = [w for r in readings for w in fast.push(r)]
+    out_slow = [w for r in readings for w in slow.push(r)]
+    return out_fast, out_slow
+
+
+@pytest.mark.parametrize("case", ["on_grid", "jitter", "gaps_and_missing"])
+def test_windower_fast_path_cuts_the_same_windows_as_resampling(case: str) -> None:
+    """The bench's windower speed-up (skip interpolation when samples sit on the grid) changes nothing."""
+    from agent.types import Reading
+
+    rng = np.random.default_rng({"on_grid": 1, "jitter": 2, "gaps_and_missing": 3}[case])
+    t0 = 1_764_806_400.0
+    readings = []
+    t = t0
+    for i in range(600):
+        t += 1.0
+        if case == "jitter":
+            t = round(t0 + i + 1 + rng.uniform(-0.3, 0.3), 3)
+        if case == "gaps_and_missing" and i % 97 == 50:
+            t += float(rng.choice([2.0, 7.0]))  # one bridged, one breaking gap
+        values = {"a": float(rng.normal()), "b": float(rng.normal())}
+        if case == "gaps_and_missing" and i % 41 == 7:
+            del values["b"]  # a channel that did not arrive
+        readings.append(Reading(device="d1", ts=t, values=values))
+    fast, slow = _windows_both_ways(readings)
+    assert len(fast) == len(slow) > 20
+    for a, b in zip(fast, slow, strict=True):
+        assert (a.device, a.start_ts, a.end_ts) == (b.device, b.start_ts, b.end_ts)
+        assert np.array_equal(a.data, b.data)
