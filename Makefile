@@ -38,5 +38,9 @@ bench: install
 model: install
 	$(BIN)/python -m training.default_model --out models/default
 
+## soak: the long reliability runs (kill -9 x50, 100k generated inputs), about 10 minutes on 2 cores
+soak: install
+	$(BIN)/pytest -q -s tests/soak_crash.py tests/soak_input.py
+
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache
