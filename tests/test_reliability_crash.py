@@ -93,6 +93,13 @@ def resumed(before: list[float], after: list[float]) -> bool:
     return any(after[:m] == before[-m:] for m in range(len(before), 0, -1))
 
 
+def wait_for_log(log: Path, text: str, proc: subprocess.Popen, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while not (log.exists() and text in log.read_text()):
+        assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-2000:]
+        time.sleep(0.1)
+
+
 def run_kill_harness(
     broker: Broker, tmp_path: Path, procs: list[subprocess.Popen], kills: int, seed: int = 7
 ) -> dict[str, int]:
@@ -113,7 +120,12 @@ def run_kill_harness(
         for i in range(kills):
             agent = start_agent(cfg, tmp_path / f"run{i}.log")
             procs.append(agent)
-            time.sleep(rnd.uniform(1.0, 5.0))
+            log = tmp_path / f"run{i}.log"
+            if i % 5 == 4:  # now and then during start-up (database open, migration, model load)
+                time.sleep(rnd.uniform(0.1, 1.5))
+            else:  # otherwise at a random moment of normal operation
+                wait_for_log(log, "running", agent)
+                time.sleep(rnd.uniform(0.3, 3.5))
             before = snapshot(db_path)
             agent.send_signal(signal.SIGKILL)
             assert agent.wait(10) == -signal.SIGKILL
@@ -137,14 +149,18 @@ def run_kill_harness(
                     assert resumed(prev_thresholds[device], scores), f"kill {i}: {device} baseline reset"
                     resumes += scores != prev_thresholds[device]
             prev_thresholds = after.thresholds
-        sim.terminate()
-        sim.wait(10)
-        # a last clean run drains the outbox
+        # a last clean run: until an alert exists (on a slow machine the kills may come before one),
+        # then without input until the outbox is drained
         agent = start_agent(cfg, tmp_path / "final.log")
         procs.append(agent)
+        wait_for_log(tmp_path / "final.log", "running", agent)
+        deadline = time.monotonic() + 90
+        while not snapshot(db_path).alerts and time.monotonic() < deadline:
+            time.sleep(0.5)
+        sim.terminate()
+        sim.wait(10)
         deadline = time.monotonic() + 60
-        log = tmp_path / "final.log"
-        while time.monotonic() < deadline and ("running" not in log.read_text() or outbox_depth(db_path)):
+        while outbox_depth(db_path) and time.monotonic() < deadline:
             time.sleep(0.5)
         time.sleep(1.0)
         assert stop(agent) == 0, (tmp_path / "final.log").read_text()[-2000:]
@@ -157,6 +173,10 @@ def run_kill_harness(
         seen.setdefault(payload["msg_id"], []).append(payload)
     final = snapshot(db_path)
     assert final.alerts, "no alert was opened: the harness did not exercise alert delivery"
+    for device, scores in final.thresholds.items():  # the clean run continued the last kill's baselines
+        if device in prev_thresholds:
+            assert resumed(prev_thresholds[device], scores), f"final run: {device} baseline reset"
+            resumes += scores != prev_thresholds[device]
     for alert_id, n in final.alerts.items():
         assert f"{alert_id}:0" in seen, f"open of alert {alert_id} never reached the broker"
         assert f"{alert_id}:{n}" in seen, f"last message of alert {alert_id} never reached the broker"
