@@ -167,10 +167,25 @@ class Agent:
         )
         add(lambda: self.submit(lambda: self.pipeline.tick(time.time())), "interval", seconds=1)
         add(lambda: self.submit(self._retention), "interval", seconds=sc.retention_interval_s)
+        add(lambda: self.submit(self._log_progress), "interval", seconds=sc.status_interval_s)
         add(lambda: self.submit(self.pipeline.thresholder.save), "interval", seconds=sc.flush_interval_s)
         add(lambda: self.submit(self.check_model), "interval", seconds=self.config.model.watch_interval_s)
         if self.uplink is not None:
             add(lambda: self.submit(self.uplink.publish_status), "interval", seconds=sc.status_interval_s)
+
+    def _log_progress(self) -> None:
+        """A periodic one-line summary, so a log reader sees the agent working between alerts."""
+        st = self.pipeline.stats
+        rejected = sum(st.rejected.values())
+        log.info(
+            "readings accepted %d, rejected %d %s, windows scored %d (%d over threshold), outbox %d",
+            st.accepted,
+            rejected,
+            dict(sorted(st.rejected.items())) if rejected else "",
+            st.windows,
+            st.anomalous_windows,
+            self.outbox.depth(),
+        )
 
     def _retention(self) -> None:
         self.pipeline.buffer.apply_retention(time.time())
