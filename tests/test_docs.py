@@ -38,3 +38,14 @@ def test_readme_names_the_two_setup_commands() -> None:
     assert "make demo" in README and "make test" in README
     ci = (ROOT / ".ci" / "run").read_text()
     assert "make test" in ci
+
+
+def test_readme_minimal_config_is_valid(tmp_path: Path) -> None:
+    from agent.config import load_config
+
+    block = re.search(r"A minimal config:\n\n```toml\n(.*?)```", README, re.S)
+    assert block, "README lost its minimal config example"
+    path = tmp_path / "minimal.toml"
+    path.write_text(block.group(1))
+    config = load_config(path)
+    assert config.uplink.mqtt.tls and config.sources[0].type == "serial"
