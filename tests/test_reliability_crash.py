@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import random
+import shutil
 import signal
 import sqlite3
 import subprocess
@@ -48,7 +49,7 @@ class Snapshot:
     max_rowid: int
     readings: tuple[int, float]  # count and sum of ts over rowid <= max_rowid
     alerts: dict[str, int]  # alert_id -> n of the last message the row records
-    thresholds: dict[str, list[float]] = field(default_factory=dict)
+    thresholds: dict[str, tuple[str, list[float]]] = field(default_factory=dict)  # device -> model, ring
 
 
 def snapshot(db_path: Path) -> Snapshot:
@@ -67,7 +68,7 @@ def snapshot(db_path: Path) -> Snapshot:
             for a, p in db.execute("SELECT alert_id, payload_json FROM alerts")
         }
         thresholds = {
-            k.split(":", 1)[1]: json.loads(v)["scores"]
+            k.split(":", 1)[1]: (json.loads(v)["model_id"], json.loads(v)["scores"])
             for k, v in db.execute("SELECT key, value_json FROM state WHERE key LIKE 'threshold:%'")
         }
     return Snapshot(max_rowid, (count, total), alerts, thresholds)
@@ -85,12 +86,14 @@ def outbox_depth(db_path: Path) -> int:
         return db.execute("SELECT count(*) FROM outbox").fetchone()[0]
 
 
-def resumed(before: list[float], after: list[float]) -> bool:
+def resumed(before: tuple[str, list[float]], after: tuple[str, list[float]]) -> bool:
     """True if `after` continues `before`: some suffix of the older ring starts the newer one (the ring
-    may have rolled over) or the newer ring is the older one plus new scores."""
-    if not before:
+    may have rolled over) or the newer ring is the older one plus new scores. A baseline learnt on
+    another model is not restored, by design."""
+    (model_before, old), (model_after, new) = before, after
+    if not old or model_before != model_after:
         return True
-    return any(after[:m] == before[-m:] for m in range(len(before), 0, -1))
+    return any(new[:m] == old[-m:] for m in range(len(old), 0, -1))
 
 
 def wait_for_log(log: Path, text: str, proc: subprocess.Popen, timeout: float = 60) -> None:
@@ -113,6 +116,8 @@ def run_kill_harness(
     procs.append(sim)
     source = f'[[sources]]\ntype = "serial"\nname = "bus"\nport = "{pty}"\n{EXTRA_CONFIG}'
     cfg = write_config(tmp_path / "ew.toml", tmp_path / "state", broker, source)
+    model = shutil.copytree(MODEL, tmp_path / "model")  # the shipped model may be regenerated meanwhile
+    cfg.write_text(cfg.read_text().replace(str(MODEL), str(model)))
     db_path = tmp_path / "state" / "edgewatch.db"
     resumes = 0
     prev_thresholds: dict[str, list[float]] = {}
@@ -144,10 +149,10 @@ def run_kill_harness(
             for alert_id, n in before.alerts.items():
                 assert after.alerts.get(alert_id, -1) >= n, f"kill {i}: alert {alert_id} lost or rewound"
             # the baseline this run restored from is continued, not restarted
-            for device, scores in after.thresholds.items():
+            for device, base in after.thresholds.items():
                 if device in prev_thresholds:
-                    assert resumed(prev_thresholds[device], scores), f"kill {i}: {device} baseline reset"
-                    resumes += scores != prev_thresholds[device]
+                    assert resumed(prev_thresholds[device], base), f"kill {i}: {device} baseline reset"
+                    resumes += base != prev_thresholds[device]
             prev_thresholds = after.thresholds
         # a last clean run: until an alert exists (on a slow machine the kills may come before one),
         # then without input until the outbox is drained
@@ -173,10 +178,10 @@ def run_kill_harness(
         seen.setdefault(payload["msg_id"], []).append(payload)
     final = snapshot(db_path)
     assert final.alerts, "no alert was opened: the harness did not exercise alert delivery"
-    for device, scores in final.thresholds.items():  # the clean run continued the last kill's baselines
+    for device, base in final.thresholds.items():  # the clean run continued the last kill's baselines
         if device in prev_thresholds:
-            assert resumed(prev_thresholds[device], scores), f"final run: {device} baseline reset"
-            resumes += scores != prev_thresholds[device]
+            assert resumed(prev_thresholds[device], base), f"final run: {device} baseline reset"
+            resumes += base != prev_thresholds[device]
     for alert_id, n in final.alerts.items():
         assert f"{alert_id}:0" in seen, f"open of alert {alert_id} never reached the broker"
         assert f"{alert_id}:{n}" in seen, f"last message of alert {alert_id} never reached the broker"
