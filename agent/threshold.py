@@ -35,19 +35,28 @@ class ThresholdConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    kind: Literal["rolling_percentile", "fixed"] = Field(
-        "rolling_percentile",
-        description="rolling_percentile adapts to each device's recent normal scores; fixed keeps the "
-        "calibration start value forever (useful to compare, or on a gateway with too little history)",
+    kind: Literal["rolling_median", "rolling_percentile", "fixed"] = Field(
+        "rolling_median",
+        description="rolling_median: each device's recent median score times the calibrated "
+        "quantile/p50 ratio (a fault must fill half the history to move it); rolling_percentile: the "
+        "rolling quantile of recent normal scores (a slow degradation can drag it up); fixed keeps the "
+        "calibration start value forever (to compare, or on a gateway with too little history)",
     )
     quantile: float = Field(
-        0.99, gt=0.5, lt=1.0, description="quantile of the rolling normal-score history (0.99 = q99)"
+        0.99,
+        gt=0.5,
+        lt=1.0,
+        description="quantile of the device's normal scores the threshold targets (0.99 = q99); "
+        "rolling_median needs a calibrated one: 0.9, 0.99, 0.995 or 0.999",
     )
     history: int = Field(
         2000, ge=10, le=1_000_000, description="normal scores kept per device in the rolling baseline"
     )
     margin: float = Field(
-        1.5, ge=1.0, description="threshold = margin x rolling quantile (cf. SKAB's UCL = 1.5 x q99)"
+        1.5,
+        ge=1.0,
+        description="rolling_percentile only: threshold = margin x rolling quantile (cf. SKAB's UCL = "
+        "1.5 x q99); rolling_median targets the calibrated quantile itself",
     )
     min_history: int = Field(
         200,
@@ -322,6 +331,48 @@ class RollingPercentile:
             self._devices[device] = base
 
 
+_CALIBRATION_KEY = {0.9: "p90", 0.99: "p99", 0.995: "p99.5", 0.999: "p99.9"}
+
+
+class RollingMedian(RollingPercentile):
+    """threshold = clip(rolling median x calibration[q] / calibration[p50], floor, ceiling).
+
+    The same target as RollingPercentile (the `quantile` q of this device's normal scores), estimated
+    differently: the shape of the normal error distribution (its heavy start/stop tail, q99/p50 ~ 10)
+    comes from calibration, and only its level is learnt per device, through the median. A median does
+    not ratchet: windows just under the threshold during a slow degradation move it only once they are
+    more than half of the history, whereas they lift a rolling q99 as soon as 1 % of the history is
+    degraded (measured: a cavitation run whose q99 threshold rose from 0.127 to ~0.3 and hid the fault).
+    No margin: the estimate is not the top order statistic of the device's own scores, and replays of
+    held-out days were best without one (docs/detection.md); k-of-n alerting absorbs the 1 % above it.
+    """
+
+    def __init__(
+        self,
+        config: ThresholdConfig,
+        calibration: dict[str, float],
+        db: sqlite_utils.Database | None = None,
+        model_id: str | None = None,
+    ) -> None:
+        key = _CALIBRATION_KEY.get(round(config.quantile, 6))
+        if key is None:
+            raise ValueError(
+                f"rolling_median needs quantile in {sorted(_CALIBRATION_KEY)} (a calibrated quantile), "
+                f"got {config.quantile}"
+            )
+        super().__init__(config, calibration, db, model_id)
+        values = [calibration.get(k) for k in ("p50", key)]
+        if not all(isinstance(v, int | float) and math.isfinite(v) and v > 0 for v in values):
+            raise ValueError(f"rolling_median needs positive finite calibration p50 and {key}, got {values}")
+        self.ratio = float(calibration[key]) / float(calibration["p50"])
+
+    def _threshold(self, base: _Baseline) -> float:
+        if base.cached is None and not base.relearn and base.count >= self.config.min_history:
+            median = _quantile(base.ring[: base.count], 0.5)
+            base.cached = min(max(self.ratio * median, self.floor), self.ceiling)
+        return super()._threshold(base)
+
+
 class FixedThreshold:
     """The calibration start value, forever: a baseline to compare against, and a safe fallback."""
 
@@ -361,5 +412,7 @@ def make_thresholder(
     model_id: str | None = None,
 ) -> Thresholder:
     """The thresholder named by config.kind (what the service should call instead of a class)."""
-    cls = {"rolling_percentile": RollingPercentile, "fixed": FixedThreshold}[config.kind]
+    cls = {"rolling_median": RollingMedian, "rolling_percentile": RollingPercentile, "fixed": FixedThreshold}[
+        config.kind
+    ]
     return cls(config, calibration, db, model_id)
