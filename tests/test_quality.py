@@ -15,6 +15,7 @@ from agent.recording import Recording
 from agent.threshold import RollingMedian, RollingPercentile, ThresholdConfig, make_thresholder
 from firmware_sim.record import DEFAULT_START, record
 from firmware_sim.scenario import build_scenario
+from training.default_model import product_markdown
 from training.product_eval import decide, replay_product, rescore, summarise
 
 # -- RollingMedian ------------------------------------------------------------------------------------
@@ -108,6 +109,8 @@ def test_offline_decisions_equal_the_product_replay(bearing_day: Path) -> None:
     assert s["event"]["n_events"] == 1 and s["event"]["n_detected"] == 1
     assert s["false_alerts_per_device_day"] == 0
     assert set(s["per_fault"]) == {"bearing_wear"}
+    md = product_markdown({"day": {"file": "b.csv", "windows": len(scores), "rows": {"lstm_ae": s}}})
+    assert "| **lstm_ae** | 1/1 |" in md and "| bearing_wear | 1 | 1 |" in md
     # another detector's scores on the same windows: all-zero scores can never alert
     zero = decide(rescore(scores, np.zeros(len(scores)), "zero"), recs, bundle.manifest.calibration.quantiles)
     assert zero.alert_spans() == {} and summarise(zero)["event"]["n_detected"] == 0
