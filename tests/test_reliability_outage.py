@@ -8,6 +8,7 @@ reopen of a vanished port are tested in tests/test_source_mqtt.py and tests/test
 from __future__ import annotations
 
 import re
+import shutil
 import sqlite3
 import subprocess
 import time
@@ -106,6 +107,8 @@ def test_outage_past_the_cap_delivers_what_fits_in_order_and_counts_drops(
     state = tmp_path / "state"
     db_path = state / "edgewatch.db"
     cfg = outage_config(tmp_path / "ew.toml", state, broker, pty, mport, policy)
+    model = shutil.copytree(MODEL, tmp_path / "model")  # the shipped model may be regenerated meanwhile
+    cfg.write_text(cfg.read_text().replace(str(MODEL), str(model)))
     sub = Subscriber(broker, "edgewatch/gw-test/#")
     agent = start_agent(cfg, tmp_path / "agent.log")
     procs.append(agent)
