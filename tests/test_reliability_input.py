@@ -315,15 +315,26 @@ def run_live_fuzz(
     log = tmp_path / "agent.log"
     agent = start_agent(cfg, log)
     procs.append(agent)
-    deadline = time.monotonic() + 30
+    deadline = time.monotonic() + 60
     while "running" not in log.read_text():
         assert time.monotonic() < deadline and agent.poll() is None, log.read_text()[-2000:]
         time.sleep(0.2)
-    time.sleep(1.0)  # the source's subscription is in place shortly after start
     pub = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"fuzz-{seed}")
     pub.max_inflight_messages_set(200)
     pub.connect(broker.host, broker.port)
     pub.loop_start()
+    # Probe until the agent's subscription is in place (messages before it are not queued for it), then
+    # take the counts as the baseline once any probe still in flight has landed.
+    rnd, probe_ts = random.Random(0), int(time.time() * 1000) - 10 * 86_400_000
+    while scrape_counts(mport) == (0.0, 0.0):
+        assert time.monotonic() < deadline, "the agent never counted a probe reading"
+        probe_ts += 1000
+        pub.publish(
+            "edgewatch/sensors/probe-00/telemetry", valid_payload("probe-00", 1, probe_ts, rnd), qos=1
+        )
+        time.sleep(0.2)
+    time.sleep(1.0)
+    acc0, rej0 = scrape_counts(mport)
     expected_ok = 0
     t0 = time.monotonic()
     try:
@@ -346,6 +357,7 @@ def run_live_fuzz(
     while time.monotonic() < deadline:
         assert agent.poll() is None, log.read_text()[-3000:]
         acc, rej = scrape_counts(mport)
+        acc, rej = acc - acc0, rej - rej0
         if acc + rej >= n:
             break
         time.sleep(0.5)
