@@ -13,6 +13,7 @@ from agent import metrics
 from agent.db import open_db
 from agent.threshold import (
     FixedThreshold,
+    RollingMedian,
     RollingPercentile,
     ThresholdConfig,
     Thresholder,
@@ -187,7 +188,7 @@ def test_bad_calibration_and_bad_scores_fail_clearly() -> None:
 
 # -- conformance: every thresholder class passes the same suite ---------------------------------------
 Factory = Callable[..., Thresholder]  # (config, calibration, db, model_id=None)
-THRESHOLDERS: list[Factory] = [RollingPercentile, FixedThreshold]
+THRESHOLDERS: list[Factory] = [RollingMedian, RollingPercentile, FixedThreshold]
 
 
 @pytest.fixture(params=THRESHOLDERS, ids=lambda f: f.__name__)
