@@ -156,6 +156,19 @@ class HealthMonitor:
                 )
         return events
 
+    def next_due(self) -> float:
+        """A time before which `tick` cannot emit or change anything (inf: nothing pending), so replay
+        can skip the ticks of a long gap in the data. Conservative by 1 ms against float rounding."""
+        due = math.inf
+        for device, seen in self._last_seen.items():
+            if (device, None, "silent") not in self._open:
+                due = min(due, seen + self.config.silence_s)
+        reject_kinds = REJECT_KINDS.values()
+        for episode in self._open.values():
+            if episode.kind in reject_kinds:
+                due = min(due, episode.last_offence + self.config.clear_s)
+        return due - 1e-3
+
     def active(self) -> list[dict]:
         """Raised, not yet cleared events (for status and tests)."""
         return [

@@ -122,6 +122,10 @@ class Pipeline:
         """Time-driven checks (silence); called by the service's loop, and by replay on data time."""
         self._send(self.health.tick(now))
 
+    def tick_due(self) -> float:
+        """Before this time `tick` is a no-op (replay uses it to skip the ticks of long data gaps)."""
+        return self.health.next_due()
+
     # -- model swap -----------------------------------------------------------------------------
     def swap_scorer(self, scorer: Scorer, windower: Windower, thresholder: Thresholder) -> None:
         """Install a new verified model. Called only from the pipeline's own thread."""

@@ -109,3 +109,59 @@ def test_windower_fast_path_cuts_the_same_windows_as_resampling(case: str) -> No
     for a, b in zip(fast, slow, strict=True):
         assert (a.device, a.start_ts, a.end_ts) == (b.device, b.start_ts, b.end_ts)
         assert np.array_equal(a.data, b.data)
+
+
+class _EveryTick:
+    """A pipeline without `tick_due`: replay then calls tick at every tick time, as before the skip."""
+
+    def __init__(self, inner: object) -> None:
+        self._inner = inner
+
+    def __getattr__(self, name: str) -> object:
+        if name == "tick_due":
+            raise AttributeError(name)
+        return getattr(self._inner, name)
+
+
+@pytest.mark.timeout(60)
+def test_replay_skipping_idle_ticks_changes_no_event(tmp_path: Path) -> None:
+    """Replay skips ticks that cannot emit (a day-long gap); the events must be exactly the same."""
+    from agent.bundle import load_bundle
+    from agent.db import open_db
+    from agent.pipeline import StageSettings, build_pipeline
+    from agent.recording import Recording
+    from agent.replay import replay
+
+    bundle = load_bundle(Path(__file__).resolve().parents[1] / "models" / "default")
+    rng = np.random.default_rng(0)
+    t0 = 1_764_806_400.0
+
+    def rec(device: str, ts: np.ndarray) -> Recording:
+        vals = np.column_stack(
+            [
+                35 + rng.normal(0, 1, ts.size),
+                1.5 + rng.normal(0, 0.1, ts.size),
+                3.3 + rng.normal(0, 0.1, ts.size),
+            ]
+        )
+        return Recording(device, ["temperature", "vibration", "pressure"], ts, vals)
+
+    a = np.concatenate([t0 + np.arange(300.0), t0 + 86_400 + np.arange(300.0)])  # a day-long gap
+    b = t0 + np.arange(120.0)  # goes silent for good after two minutes
+    recs = [rec("pump-a", a), rec("pump-b", b)]
+    results = []
+    for i, wrap in enumerate((lambda p: p, _EveryTick)):
+        db = open_db(tmp_path / f"r{i}.db")
+
+        def factory(emit: object, on_judgement: object, db: object = db, wrap: object = wrap) -> object:
+            return wrap(build_pipeline(StageSettings(), bundle, db, emit, on_judgement=on_judgement))  # type: ignore[operator,arg-type]
+
+        results.append(replay(recs, factory))
+        db.conn.close()
+    skipped, every = results
+    silent = [e for e in every.events if e.payload.get("kind") == "silent"]
+    assert silent, "the recording must make health events for the comparison to mean anything"
+    assert [e.payload for e in skipped.events] == [e.payload for e in every.events]
+    assert [(j.score.end_ts, j.score.error) for j in skipped.judgements] == [
+        (j.score.end_ts, j.score.error) for j in every.judgements
+    ]
