@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import shutil
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -60,6 +61,7 @@ def messages(path: Path) -> list[RawMessage]:
 
 
 def make_agent(tmp_path: Path, max_db_mb: float) -> Agent:
+    model = shutil.copytree(MODEL, tmp_path / "model")  # the shipped model may be regenerated meanwhile
     cfg = tmp_path / "ew.toml"
     cfg.write_text(
         f"""
@@ -73,7 +75,7 @@ name = "unused"
 port = "/dev/null"
 
 [model]
-path = "{MODEL}"
+path = "{model}"
 
 [buffer]
 batch_size = 50

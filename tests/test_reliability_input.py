@@ -12,7 +12,9 @@ import json
 import math
 import random
 import re
+import shutil
 import subprocess
+import tempfile
 import time
 import urllib.request
 import zlib
@@ -127,7 +129,8 @@ def test_json_missing_or_extra_fields_are_schema_rejects(keys: list[str], extra:
 
 @cache
 def _bundle():  # type: ignore[no-untyped-def]
-    return load_bundle(MODEL)
+    # from a private copy: the shipped model may be regenerated while the suite runs
+    return load_bundle(shutil.copytree(MODEL, Path(tempfile.mkdtemp()) / "model"))
 
 
 def make_pipeline(db_path: Path) -> tuple[Pipeline, list]:
@@ -312,6 +315,8 @@ def run_live_fuzz(
     """Start an agent, publish `n` generated inputs, and check every one is counted; returns the counts."""
     mport = free_port()
     cfg = fuzz_config(tmp_path / "ew.toml", tmp_path / "state", broker, mport)
+    model = shutil.copytree(MODEL, tmp_path / "model")  # the shipped model may be regenerated meanwhile
+    cfg.write_text(cfg.read_text().replace(str(MODEL), str(model)))
     log = tmp_path / "agent.log"
     agent = start_agent(cfg, log)
     procs.append(agent)

@@ -38,6 +38,9 @@ port = "{pty}"
 [model]
 path = "{MODEL}"
 
+[health]
+silence_s = 3600  # the input stops before the outbox is read: no 'silent' event may join it
+
 [alerts]
 open_k = 3
 open_n = 5
