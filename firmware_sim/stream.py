@@ -29,8 +29,14 @@ from firmware_sim.wire import encode_json, encode_line, garbage_line, garbage_pa
 Encoder = Callable[[Chunk, int, int], list[bytes | None]]
 
 
-def line_payloads(chunk: Chunk, seed: int, device: int) -> list[bytes | None]:
-    """Serial lines of a chunk: None for dropout (silence), corrupt bytes for garbage."""
+def _payloads(
+    chunk: Chunk,
+    seed: int,
+    device: int,
+    encode: Callable[..., bytes],
+    corrupt: Callable[[object, bytes], bytes],
+) -> list[bytes | None]:
+    """Encoded readings of a chunk: None for dropout (silence), corrupted bytes for garbage."""
     out: list[bytes | None] = []
     rows = zip(
         chunk.seq.tolist(),
@@ -45,30 +51,19 @@ def line_payloads(chunk: Chunk, seed: int, device: int) -> list[bytes | None]:
         if w == WIRE_DROPOUT:
             out.append(None)
             continue
-        line = encode_line(chunk.device, seq, ts, t, v, p)
-        out.append(garbage_line(garbage_rng(seed, device, seq), line) if w == WIRE_GARBAGE else line)
+        msg = encode(chunk.device, seq, ts, t, v, p)
+        out.append(corrupt(garbage_rng(seed, device, seq), msg) if w == WIRE_GARBAGE else msg)
     return out
+
+
+def line_payloads(chunk: Chunk, seed: int, device: int) -> list[bytes | None]:
+    """Serial lines of a chunk."""
+    return _payloads(chunk, seed, device, encode_line, garbage_line)
 
 
 def json_payloads(chunk: Chunk, seed: int, device: int) -> list[bytes | None]:
     """MQTT payloads of a chunk, with the same dropout/garbage rules as serial."""
-    out: list[bytes | None] = []
-    rows = zip(
-        chunk.seq.tolist(),
-        chunk.ts_ms.tolist(),
-        chunk.temperature.tolist(),
-        chunk.vibration.tolist(),
-        chunk.pressure.tolist(),
-        chunk.wire.tolist(),
-        strict=True,
-    )
-    for seq, ts, t, v, p, w in rows:
-        if w == WIRE_DROPOUT:
-            out.append(None)
-            continue
-        msg = encode_json(chunk.device, seq, ts, t, v, p)
-        out.append(garbage_payload(garbage_rng(seed, device, seq), msg) if w == WIRE_GARBAGE else msg)
-    return out
+    return _payloads(chunk, seed, device, encode_json, garbage_payload)
 
 
 def paced_batches(
