@@ -110,3 +110,20 @@ def stop(proc: subprocess.Popen, timeout: float = 20) -> int:
 
 def is_open_alert(device: str):  # type: ignore[no-untyped-def]
     return lambda topic, p: topic.endswith(f"/{device}/alert") and p.get("state") == "open"
+
+
+def serial_source(pty: str) -> str:
+    return f'[[sources]]\ntype = "serial"\nname = "bus"\nport = "{pty}"'
+
+
+def agent_on_sim_pty(
+    broker: Broker, tmp_path: Path, procs: list[subprocess.Popen], *sim_args: str, log: str = "agent.log"
+) -> tuple[subprocess.Popen, str]:
+    """The simulator on a new pty with `sim_args`, and `edgewatch run` reading it (config in
+    tmp_path/ew.toml, state in tmp_path/state): returns (agent, pty path)."""
+    sim, pty = start_sim_pty(*sim_args)
+    procs.append(sim)
+    cfg = write_config(tmp_path / "ew.toml", tmp_path / "state", broker, serial_source(pty))
+    agent = start_agent(cfg, tmp_path / log)
+    procs.append(agent)
+    return agent, pty

@@ -17,10 +17,10 @@ from agent_proc import (
     EDGEWATCH,
     MODEL,
     Subscriber,
+    agent_on_sim_pty,
     is_open_alert,
     schema,
     start_agent,
-    start_sim_pty,
     stop,
     write_config,
 )
@@ -32,15 +32,11 @@ def test_serial_fault_raises_an_alert_that_reaches_the_broker(
     broker: Broker, tmp_path: Path, procs: list[subprocess.Popen]
 ) -> None:
     sub = Subscriber(broker)
-    sim, pty = start_sim_pty(
+    agent, _pty = agent_on_sim_pty(
+        broker, tmp_path, procs,
         "--seed", "7", "--devices", "2", "--speed", "50", "--scenario", "bearing_wear",
         "--fault-after", "300", "--degradation", "600",
     )  # fmt: skip
-    procs.append(sim)
-    source = f'[[sources]]\ntype = "serial"\nname = "bus"\nport = "{pty}"'
-    cfg = write_config(tmp_path / "ew.toml", tmp_path / "state", broker, source)
-    agent = start_agent(cfg, tmp_path / "agent.log")
-    procs.append(agent)
     try:
         _, status = sub.wait_for(lambda t, p: t == "edgewatch/gw-test/status" and p["state"] == "online", 30)
         assert not list(schema("status").iter_errors(status))
@@ -93,15 +89,11 @@ def test_restart_continues_the_open_alert_and_threshold(
 ) -> None:
     """SIGTERM while an alert is open, start again on the same state: updates carry the same id, no new open."""
     sub = Subscriber(broker, "edgewatch/gw-test/+/alert")
-    sim, pty = start_sim_pty(
+    agent, _pty = agent_on_sim_pty(
+        broker, tmp_path, procs,
         "--seed", "7", "--devices", "1", "--speed", "40", "--scenario", "bearing_wear",
-        "--fault-after", "300", "--degradation", "3000",
+        "--fault-after", "300", "--degradation", "3000", log="a1.log",
     )  # fmt: skip
-    procs.append(sim)
-    source = f'[[sources]]\ntype = "serial"\nname = "bus"\nport = "{pty}"'
-    cfg = write_config(tmp_path / "ew.toml", tmp_path / "state", broker, source)
-    agent = start_agent(cfg, tmp_path / "a1.log")
-    procs.append(agent)
     try:
         _, first = sub.wait_for(is_open_alert("pump-01"), 120)
         assert stop(agent) == 0
@@ -116,7 +108,7 @@ def test_restart_continues_the_open_alert_and_threshold(
         last_n = max(
             int(p["msg_id"].split(":")[1]) for p in [first, *before] if p["alert_id"] == first["alert_id"]
         )
-        agent2 = start_agent(cfg, tmp_path / "a2.log")
+        agent2 = start_agent(tmp_path / "ew.toml", tmp_path / "a2.log")
         procs.append(agent2)
         after: list[dict] = []
         sub.wait_for(lambda t, p: after.append(p) or int(p["msg_id"].split(":")[1]) > last_n, 120)
@@ -160,14 +152,10 @@ def test_garbage_on_the_wire_is_a_health_event(
     broker: Broker, tmp_path: Path, procs: list[subprocess.Popen]
 ) -> None:
     sub = Subscriber(broker, "edgewatch/gw-test/+/health")
-    sim, pty = start_sim_pty(
+    agent, pty = agent_on_sim_pty(
+        broker, tmp_path, procs,
         "--seed", "5", "--devices", "1", "--speed", "20", "--scenario", "sensor_garbage", "--fault-after", "60",
     )  # fmt: skip
-    procs.append(sim)
-    source = f'[[sources]]\ntype = "serial"\nname = "bus"\nport = "{pty}"'
-    cfg = write_config(tmp_path / "ew.toml", tmp_path / "state", broker, source)
-    agent = start_agent(cfg, tmp_path / "agent.log")
-    procs.append(agent)
     try:
         _, event = sub.wait_for(lambda t, p: p["kind"] == "garbage" and p["state"] == "raised", 90)
     finally:

@@ -13,11 +13,9 @@ from agent_proc import (
     EDGEWATCH,
     MODEL,
     Subscriber,
+    agent_on_sim_pty,
     is_open_alert,
-    start_agent,
-    start_sim_pty,
     stop,
-    write_config,
 )
 from conftest import Broker
 
@@ -120,22 +118,17 @@ def test_skab_format_replays(tmp_path: Path) -> None:
 def test_replay_equals_live(broker: Broker, tmp_path: Path, procs: list) -> None:
     """Live over a pty into the agent; export what it accepted; replay it: the same alerts, ids and peaks."""
     sub = Subscriber(broker, "edgewatch/gw-test/+/alert")
-    sim, pty = start_sim_pty(
+    agent, _pty = agent_on_sim_pty(
+        broker, tmp_path, procs,
         "--seed", "7", "--devices", "2", "--speed", "50", "--scenario", "bearing_wear",
         "--fault-after", "300", "--degradation", "600",
     )  # fmt: skip
-    procs.append(sim)
-    source = f'[[sources]]\ntype = "serial"\nname = "bus"\nport = "{pty}"'
-    cfg = write_config(tmp_path / "ew.toml", tmp_path / "state", broker, source)
-    agent = start_agent(cfg, tmp_path / "agent.log")
-    procs.append(agent)
     try:
         sub.wait_for(is_open_alert("pump-01"), 120)
         sub.wait_for(lambda t, p: p["state"] == "update", 60)  # let it run a little past the open
     finally:
         sub.close()
     assert stop(agent) == 0
-    sim.terminate()
     db_path = tmp_path / "state" / "edgewatch.db"
     with sqlite3.connect(db_path) as db:
         live = sorted(
