@@ -7,7 +7,9 @@ unacknowledged message is sent again, so consumers drop duplicates by `msg_id` (
 
 Threads: `enqueue` / `publish_status` run in the caller's thread and only touch the outbox (its own
 SQLite connection behind a lock) or hand a status body over; one uplink thread owns the paho client,
-drives its network loop, publishes and deletes acknowledged rows. Each connection uses a fresh client,
+drives its network loop, publishes and deletes acknowledged rows. The uplink thread sleeps in a select()
+on the broker socket and a wake-up socketpair, so `enqueue` (or a status, flush or stop) gets it
+publishing at once instead of after its next poll. Each connection uses a fresh client,
 so the last will carries the figures of that connect and paho's in-memory session never competes with
 the outbox as the source of truth.
 """
@@ -19,6 +21,8 @@ import json
 import logging
 import math
 import random
+import select
+import socket
 import sqlite3
 import sys
 import threading
@@ -41,6 +45,9 @@ log = logging.getLogger(__name__)
 
 DROPPED_COUNTER = "outbox_dropped"  # row name in `counters`: total drops, persisted across restarts
 TOPIC_KINDS = ("alert", "health", "status", "drift")
+# Longest sleep of the uplink thread with nothing to do: new work wakes it at once (see Uplink._kick), so
+# this only paces paho's keepalive bookkeeping and retries after a refused publish.
+IDLE_WAIT_S = 0.5
 
 
 class UplinkConfig(BaseModel):
@@ -432,7 +439,10 @@ class Uplink:
         self._status_body: dict[str, Any] = {}
         self._status_body_at = self._started
         self._status_pending: bytes | None = None  # newest status waiting for the uplink thread
-        self._wake = threading.Event()
+        self._wake = threading.Event()  # there is work for the uplink thread (new rows, status, stop)
+        # A byte on _wake_w ends the uplink thread's select() early; created by start(), closed by stop().
+        self._wake_r: socket.socket | None = None
+        self._wake_w: socket.socket | None = None
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
         self._connected = threading.Event()
@@ -485,7 +495,7 @@ class Uplink:
             log.error("outbox: could not store %s %s: %s", event.topic_kind, msg_id, exc)
             return False
         if stored:
-            self._wake.set()
+            self._kick()
         return stored
 
     def _refresh_status_body(self) -> None:
@@ -531,7 +541,16 @@ class Uplink:
     def _hand_over_status(self, payload: bytes) -> None:
         with self._lock:
             self._status_pending = payload
+        self._kick()
+
+    def _kick(self) -> None:
+        """Flag work for the uplink thread and end its select() now (any thread; never blocks)."""
         self._wake.set()
+        w = self._wake_w
+        if w is not None:
+            # Full buffer: a wake-up is already pending. Closed by a concurrent stop(): nobody to wake.
+            with contextlib.suppress(OSError):
+                w.send(b"\0")
 
     # -- lifecycle ------------------------------------------------------------------------------
     @property
@@ -543,6 +562,9 @@ class Uplink:
             raise RuntimeError("uplink already started")
         self._refresh_status_body()
         self._stopping.clear()
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
         self._thread = threading.Thread(target=self._run, name="edgewatch-uplink", daemon=True)
         self._thread.start()
 
@@ -554,10 +576,15 @@ class Uplink:
             return
         self._stop_timeout = timeout
         self._stopping.set()
-        self._wake.set()
+        self._kick()
         self._thread.join(timeout + 2.0)
         if self._thread.is_alive():
             log.warning("uplink thread did not stop within %.1f s", timeout + 2.0)
+        else:  # a thread still running may still select() on the pair: leave it open then
+            wake_r, wake_w, self._wake_r, self._wake_w = self._wake_r, self._wake_w, None, None
+            for sock in (wake_w, wake_r):
+                if sock is not None:
+                    sock.close()
         self._thread = None
 
     def flush(self, timeout: float) -> bool:
@@ -566,7 +593,7 @@ class Uplink:
         while self.outbox.depth() > 0:
             if time.monotonic() >= deadline:
                 return False
-            self._wake.set()
+            self._kick()
             time.sleep(0.01)
         return True
 
@@ -625,7 +652,7 @@ class Uplink:
             if self._stopping.is_set():
                 self._goodbye(client)
                 return
-            rc = client.loop(timeout=0.05)
+            rc = self._loop_once(client, IDLE_WAIT_S)
             self._commit_acks()
             if rc != mqtt.MQTT_ERR_SUCCESS:
                 self._lost = True
@@ -638,6 +665,27 @@ class Uplink:
                     self._pump(client)
                 self._maybe_expire()
         self._log_failure(f"connection to {conn.host}:{conn.effective_port} lost")
+
+    def _loop_once(self, client: mqtt.Client, timeout: float) -> mqtt.MQTTErrorCode:
+        """Wait up to `timeout` for broker traffic or a wake-up, then run one paho loop step (no wait).
+
+        paho's own select() cannot see our wake-up socket, so the waiting happens here; paho's loop then
+        reads, writes and does its keepalive bookkeeping as usual."""
+        wake = self._wake_r
+        if wake is None:  # not started through start() (no wake-up pair): paho's own wait
+            return client.loop(timeout=min(timeout, 0.05))
+        sock = client.socket()
+        # An SSL socket may hold decrypted bytes select() cannot see: then do not wait (as paho does).
+        pending = sock.pending() if sock is not None and hasattr(sock, "pending") else 0
+        if sock is not None and not pending:
+            wlist = [sock] if client.want_write() else []
+            # A closed or broken socket: paho's loop below reports it.
+            with contextlib.suppress(OSError, ValueError, TypeError):
+                select.select([sock, wake], wlist, [], timeout)
+            with contextlib.suppress(OSError):  # BlockingIOError once drained
+                while wake.recv(4096):
+                    pass
+        return client.loop(timeout=0)
 
     def _drop_client(self) -> None:
         sock = self._client.socket() if self._client is not None else None
