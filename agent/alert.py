@@ -19,6 +19,7 @@ import sqlite_utils
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from agent import metrics
+from agent.db import read_state, state_row
 from agent.types import Event, Judgement, Score
 
 log = logging.getLogger(__name__)
@@ -365,18 +366,11 @@ class AlertManager:
             "alert": asdict(dev.alert) if dev.alert is not None else None,
             "cooldown_until": dev.cooldown_until,
         }
-        self.db["state"].upsert(
-            {"key": f"{_KEY_PREFIX}{device}", "value_json": json.dumps(state), "updated": time.time()},
-            pk="key",
-        )
+        self.db["state"].upsert(state_row(f"{_KEY_PREFIX}{device}", state), pk="key")
 
     def _restore(self) -> None:
         assert self.db is not None
-        rows = self.db.execute(
-            "SELECT key, value_json FROM state WHERE key LIKE ?", [f"{_KEY_PREFIX}%"]
-        ).fetchall()
-        for key, value_json in rows:
-            device = key[len(_KEY_PREFIX) :]
+        for device, value_json in read_state(self.db, _KEY_PREFIX):
             try:
                 state = json.loads(value_json)
                 dev = _Device(

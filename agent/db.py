@@ -7,6 +7,7 @@ Every schema change is a new function decorated with ``@migration``; never edit 
 
 from __future__ import annotations
 
+import json
 import sqlite3
 import time
 from collections.abc import Callable
@@ -134,3 +135,16 @@ def migrate(db: sqlite_utils.Database) -> list[str]:
             raise
         applied.append(name)
     return applied
+
+
+def state_row(key: str, value: object) -> dict[str, object]:
+    """A row of the `state` table (key -> JSON), for thresholds, alerts and other resumable state."""
+    return {"key": key, "value_json": json.dumps(value), "updated": time.time()}
+
+
+def read_state(db: sqlite_utils.Database, prefix: str) -> list[tuple[str, str]]:
+    """(key without `prefix`, JSON text) of every `state` row whose key starts with `prefix`."""
+    rows = db.execute(
+        "SELECT key, value_json FROM state WHERE substr(key, 1, ?) = ?", [len(prefix), prefix]
+    ).fetchall()
+    return [(key[len(prefix) :], value) for key, value in rows]

@@ -21,6 +21,7 @@ import sqlite_utils
 from pydantic import BaseModel, ConfigDict, Field
 
 from agent import metrics
+from agent.db import read_state, state_row
 from agent.types import Judgement, Score
 
 log = logging.getLogger(__name__)
@@ -252,21 +253,17 @@ class RollingPercentile:
         dirty = [(d, b) for d, b in self._devices.items() if b.dirty]
         if not dirty:
             return
-        now = time.time()
         rows = [
-            {
-                "key": f"{_KEY_PREFIX}{device}",
-                "value_json": json.dumps(
-                    {
-                        "v": 1,
-                        "model_id": base.model_id,
-                        "relearn": base.relearn,
-                        "history": self.config.history,
-                        "scores": base.chronological().tolist(),
-                    }
-                ),
-                "updated": now,
-            }
+            state_row(
+                f"{_KEY_PREFIX}{device}",
+                {
+                    "v": 1,
+                    "model_id": base.model_id,
+                    "relearn": base.relearn,
+                    "history": self.config.history,
+                    "scores": base.chronological().tolist(),
+                },
+            )
             for device, base in dirty
         ]
         with self.db.atomic():
@@ -304,11 +301,7 @@ class RollingPercentile:
 
     def _restore(self) -> None:
         assert self.db is not None
-        rows = self.db.execute(
-            "SELECT key, value_json FROM state WHERE key LIKE ?", [f"{_KEY_PREFIX}%"]
-        ).fetchall()
-        for key, value_json in rows:
-            device = key[len(_KEY_PREFIX) :]
+        for device, value_json in read_state(self.db, _KEY_PREFIX):
             try:
                 state = json.loads(value_json)
                 scores = np.asarray(state["scores"], dtype=np.float64)[-self.config.history :]
