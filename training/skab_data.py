@@ -14,16 +14,9 @@ from pathlib import Path
 
 import numpy as np
 
-SENSORS: tuple[str, ...] = (
-    "Accelerometer1RMS",
-    "Accelerometer2RMS",
-    "Current",
-    "Pressure",
-    "Temperature",
-    "Thermocouple",
-    "Voltage",
-    "Volume Flow RateRMS",
-)
+from agent.recording import SKAB_CHANNELS
+
+SENSORS: tuple[str, ...] = tuple(SKAB_CHANNELS)  # one list of SKAB's sensor columns, in file order
 LABELS: tuple[str, ...] = ("anomaly", "changepoint")
 # Folders of the labelled part, in the order results are reported; `anomaly-free/` is not scored.
 LABELLED_FOLDERS: tuple[str, ...] = ("valve1", "valve2", "other")
