@@ -177,11 +177,12 @@ class Agent:
         """A periodic one-line summary, so a log reader sees the agent working between alerts."""
         st = self.pipeline.stats
         rejected = sum(st.rejected.values())
+        by_reason = f" {dict(sorted(st.rejected.items()))}" if rejected else ""
         log.info(
-            "readings accepted %d, rejected %d %s, windows scored %d (%d over threshold), outbox %d",
+            "readings accepted %d, rejected %d%s, windows scored %d (%d over threshold), outbox %d",
             st.accepted,
             rejected,
-            dict(sorted(st.rejected.items())) if rejected else "",
+            by_reason,
             st.windows,
             st.anomalous_windows,
             self.outbox.depth(),
