@@ -7,11 +7,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from agent.buffer import Buffer, BufferConfig
-from agent.db import open_db
-from agent.recording import write_recording
-from agent.replay import parse_time
-from agent.types import Reading
+from agent.recording import parse_time, stored_readings, write_recording
 
 
 def export_readings(
@@ -21,17 +17,8 @@ def export_readings(
     since: float | None = None,
     until: float | None = None,
 ) -> int:
-    """Write the readings of `devices` in [since, until] to `out`; returns the number of rows."""
-    db = open_db(db_path)
-    try:
-        buf = Buffer(db, BufferConfig())
-        rows: list[Reading] = []
-        for device in devices or buf.devices():
-            rows += buf.readings_between(
-                device, float("-inf") if since is None else since, float("inf") if until is None else until
-            )
-    finally:
-        db.conn.close()
+    """Write the readings of `devices` in [since, until) to `out`; returns the number of rows."""
+    rows = [r for per_device in stored_readings(db_path, devices, since, until).values() for r in per_device]
     rows.sort(key=lambda r: (r.ts, r.device))
     channels = sorted({c for r in rows for c in r.values})
     known = [c for c in ("temperature", "vibration", "pressure") if c in channels]

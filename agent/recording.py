@@ -19,16 +19,6 @@ import numpy as np
 
 from agent.types import Reading
 
-SIM_COLUMNS = [
-    "ts",
-    "device",
-    "temperature",
-    "vibration",
-    "pressure",
-    "machine_state",
-    "fault",
-    "sensor_fault",
-]
 LABEL_COLUMNS = ("machine_state", "fault", "sensor_fault")
 SKAB_CHANNELS = [
     "Accelerometer1RMS",
@@ -83,6 +73,21 @@ def _parse_iso(text: str) -> float:
     if dt.tzinfo is None:  # naive times (SKAB) are taken as UTC
         dt = dt.replace(tzinfo=UTC)
     return dt.timestamp()
+
+
+def parse_time(text: str | None) -> float | None:
+    """A command-line time: epoch seconds or ISO 8601 (naive = UTC); None passes through."""
+    if text is None:
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        return _parse_iso(text)
+
+
+def iso_utc(ts: float) -> str:
+    """Epoch seconds as `YYYY-MM-DDTHH:MM:SSZ`, for summaries and reports."""
+    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def _float(text: str) -> float:
@@ -196,6 +201,26 @@ def read_skab(
         {c: np.asarray(v, dtype=np.float64) for c, v in labels.items()},
         str(path),
     )
+
+
+def stored_readings(
+    db_path: str | Path,
+    devices: Sequence[str] | None = None,
+    since: float | None = None,
+    until: float | None = None,
+) -> dict[str, list[Reading]]:
+    """Readings an agent committed to its database, per device, in [since, until)."""
+    from agent.buffer import Buffer, BufferConfig
+    from agent.db import open_db
+
+    db = open_db(db_path)
+    try:
+        buf = Buffer(db, BufferConfig())
+        lo = float("-inf") if since is None else since
+        hi = float("inf") if until is None else until
+        return {d: rows for d in (devices or buf.devices()) if (rows := buf.readings_between(d, lo, hi))}
+    finally:
+        db.conn.close()
 
 
 def iter_readings(recordings: Sequence[Recording]) -> Iterator[Reading]:

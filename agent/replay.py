@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-from agent.recording import Recording, iter_readings, read_recording
+from agent.recording import Recording, iso_utc, iter_readings, parse_time, read_recording, stored_readings
 from agent.types import Event, Judgement, Reading
 
 
@@ -95,13 +95,7 @@ def write_summary(result: ReplayResult, out: IO[str] = sys.stdout) -> None:
     for device, items in sorted(spans.items()):
         for alert_id, opened, resolved, peak in items:
             end = "open" if resolved is None else f"resolved after {resolved - opened:.0f} s"
-            print(f"  {device}: alert {alert_id} at {_iso(opened)}, peak {peak:.3g}, {end}", file=out)
-
-
-def _iso(ts: float) -> str:
-    from datetime import UTC, datetime
-
-    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+            print(f"  {device}: alert {alert_id} at {iso_utc(opened)}, peak {peak:.3g}, {end}", file=out)
 
 
 def replay(
@@ -168,27 +162,12 @@ def _sqlite_recordings(
     """Readings of a time range from an agent's own database, one Recording per device."""
     import numpy as np
 
-    from agent.buffer import Buffer, BufferConfig
-    from agent.db import open_db
-
-    db = open_db(path)
-    try:
-        buf = Buffer(db, BufferConfig())
-        out = []
-        for device in devices or buf.devices():
-            rows = buf.readings_between(
-                device,
-                since if since is not None else float("-inf"),
-                until if until is not None else float("inf"),
-            )
-            if not rows:
-                continue
-            ts = np.array([r.ts for r in rows], dtype=np.float64)
-            vals = np.array([[r.values.get(c, np.nan) for c in channels] for r in rows], dtype=np.float64)
-            out.append(Recording(device, list(channels), ts, vals, {}, str(path)))
-        return out
-    finally:
-        db.conn.close()
+    out = []
+    for device, rows in stored_readings(path, devices, since, until).items():
+        ts = np.array([r.ts for r in rows], dtype=np.float64)
+        vals = np.array([[r.values.get(c, np.nan) for c in channels] for r in rows], dtype=np.float64)
+        out.append(Recording(device, list(channels), ts, vals, {}, str(path)))
+    return out
 
 
 def is_sqlite(path: Path) -> bool:
@@ -197,17 +176,6 @@ def is_sqlite(path: Path) -> bool:
             return fh.read(16) == b"SQLite format 3\x00"
     except OSError:
         return False
-
-
-def parse_time(text: str | None) -> float | None:
-    if text is None:
-        return None
-    from agent.recording import _parse_iso
-
-    try:
-        return float(text)
-    except ValueError:
-        return _parse_iso(text)
 
 
 def run_replay_cli(args: Any) -> int:

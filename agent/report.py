@@ -15,7 +15,7 @@ import numpy as np
 
 from agent.bundle import Bundle
 from agent.evaluate import Evaluation, evaluate
-from agent.recording import Recording
+from agent.recording import Recording, iso_utc
 from agent.replay import ReplayResult
 
 
@@ -117,12 +117,10 @@ def write_replay_report(result: ReplayResult, out: Path, bundle: Bundle) -> Path
         "| device | alert id | opened (UTC) | duration | peak |",
         "|---|---|---|---|---|",
     ]
-    from agent.replay import _iso
-
     for device, items in sorted(result.alert_spans().items()):
         for alert_id, opened, resolved, peak in items:
             dur = "open at end" if resolved is None else f"{resolved - opened:.0f} s"
-            lines.append(f"| {device} | `{alert_id}` | {_iso(opened)} | {dur} | {peak:.3g} |")
+            lines.append(f"| {device} | `{alert_id}` | {iso_utc(opened)} | {dur} | {peak:.3g} |")
     metrics: dict[str, Any] = {}
     if total is not None:
         metrics = {"total": total.to_dict(), "devices": {d: e.to_dict() for d, e in per_device.items()}}

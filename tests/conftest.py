@@ -5,6 +5,7 @@ from __future__ import annotations
 import shutil
 import socket
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -13,6 +14,25 @@ from pathlib import Path
 import pytest
 
 from agent.db import open_db
+from agent.types import RawMessage
+
+
+class Collector:
+    """A source sink for tests: collects RawMessages and lets a test wait for n of them."""
+
+    def __init__(self) -> None:
+        self.items: list[RawMessage] = []
+        self.cond = threading.Condition()
+
+    def __call__(self, msg: RawMessage) -> None:
+        with self.cond:
+            self.items.append(msg)
+            self.cond.notify_all()
+
+    def wait_for(self, n: int, timeout: float = 10.0) -> list[RawMessage]:
+        with self.cond:
+            assert self.cond.wait_for(lambda: len(self.items) >= n, timeout), f"got {len(self.items)} of {n}"
+            return list(self.items)
 
 
 def free_port() -> int:

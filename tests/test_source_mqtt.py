@@ -7,27 +7,12 @@ import threading
 import time
 
 import pytest
+from conftest import Collector
 
 from agent.mqtt_client import MqttConnectionConfig, make_client
 from agent.parse import parse
 from agent.source import MqttSource, MqttSourceConfig, make_source
-from agent.types import RawMessage, Reading
-
-
-class Collector:
-    def __init__(self) -> None:
-        self.items: list[RawMessage] = []
-        self.cond = threading.Condition()
-
-    def __call__(self, msg: RawMessage) -> None:
-        with self.cond:
-            self.items.append(msg)
-            self.cond.notify_all()
-
-    def wait_for(self, n: int, timeout: float = 10.0) -> list[RawMessage]:
-        with self.cond:
-            assert self.cond.wait_for(lambda: len(self.items) >= n, timeout), f"got {len(self.items)} of {n}"
-            return list(self.items)
+from agent.types import Reading
 
 
 def telemetry(device: str, seq: int) -> bytes:

@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import contextlib
 import os
-import threading
 import time
 import zlib
 from pathlib import Path
 
 import pytest
+from conftest import Collector
 
 from agent.parse import parse
 from agent.source import SerialSource, SerialSourceConfig, Source
@@ -23,22 +23,6 @@ from agent.types import RawMessage, Reading, Reject
 def ew1(seq: int) -> bytes:
     body = f"EW1,pump-01,{seq},{1764806400000 + seq * 1000},41.27,2.315,3.204"
     return f"{body}*{zlib.crc32(body.encode()):08X}\n".encode()
-
-
-class Collector:
-    def __init__(self) -> None:
-        self.items: list[RawMessage] = []
-        self.cond = threading.Condition()
-
-    def __call__(self, msg: RawMessage) -> None:
-        with self.cond:
-            self.items.append(msg)
-            self.cond.notify_all()
-
-    def wait_for(self, n: int, timeout: float = 10.0) -> list[RawMessage]:
-        with self.cond:
-            assert self.cond.wait_for(lambda: len(self.items) >= n, timeout), f"got {len(self.items)} of {n}"
-            return list(self.items)
 
 
 class Pty:
