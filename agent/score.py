@@ -1,7 +1,8 @@
 """Score windows with the bundle's int8 LSTM autoencoder (onnxruntime only, no torch).
 
-The error definition lives in `window_errors`, which offline calibration uses too, so the thresholds
-in the manifest and the live scores are the same quantity.
+The error definition lives in `window_errors` (and `latent_t2` for bundles whose manifest asks for the
+code's T2), which offline calibration uses too, so the thresholds in the manifest and the live scores
+are the same quantity.
 """
 
 from __future__ import annotations
@@ -26,6 +27,12 @@ def window_errors(x_scaled: np.ndarray, recon: np.ndarray) -> tuple[np.ndarray, 
     return per_channel.mean(axis=1), per_channel
 
 
+def latent_t2(codes: np.ndarray, mean: np.ndarray, inv_cov: np.ndarray) -> np.ndarray:
+    """Hotelling T2 of each code [batch, H] against the training codes' mean and inverse covariance."""
+    d = np.asarray(codes, dtype=np.float64) - mean
+    return np.einsum("ij,jk,ik->i", d, inv_cov, d)
+
+
 class Scorer:
     """Runs a verified bundle on windows; one onnxruntime session, batched calls."""
 
@@ -37,6 +44,12 @@ class Scorer:
         self._center = np.asarray(m.scaler.center, dtype=np.float32)
         self._scale = np.asarray(m.scaler.scale, dtype=np.float32)
         self._channels = m.channel_names
+        self._outputs: list[str] | None = None  # None: every output, the first is the reconstruction
+        self._t2: tuple[np.ndarray, np.ndarray] | None = None
+        if m.score is not None:
+            first = self._session.get_outputs()[0].name
+            self._outputs = [first, m.score.output]
+            self._t2 = (np.asarray(m.score.mean, np.float64), np.asarray(m.score.inv_cov, np.float64))
 
     @property
     def channels(self) -> list[str]:
@@ -63,7 +76,10 @@ class Scorer:
         return ((np.asarray(data, dtype=np.float32) - self._center) / self._scale).astype(np.float32)
 
     def errors(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """`window_errors` for a raw [batch, window, channels] array in physical units."""
+        """(window score [batch], per-channel reconstruction error [batch, c]) for a raw
+        [batch, window, channels] array in physical units. The window score is the reconstruction
+        error (`window_errors`), or the code's T2 when the manifest says so; the per-channel errors
+        are always the reconstruction's, for attribution."""
         x = self.scale(batch)
         if x.ndim != 3 or x.shape[1:] != (self.window, len(self._channels)):
             raise ValueError(
@@ -72,8 +88,11 @@ class Scorer:
             )
         if not np.all(np.isfinite(x)):
             raise ValueError("windows contain NaN/inf: gaps must break windows before scoring")
-        (recon,) = self._session.run(None, {self._input: x})[:1]
-        return window_errors(x, recon)
+        outs = self._session.run(self._outputs, {self._input: x})
+        total, per = window_errors(x, outs[0])
+        if self._t2 is not None:
+            total = latent_t2(outs[1], *self._t2)
+        return total, per
 
     def score(self, windows: list[Window]) -> list[Score]:
         """Score all `windows` in one onnxruntime run, in order."""

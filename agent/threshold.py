@@ -13,12 +13,12 @@ import logging
 import math
 import sqlite3
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal, Protocol
 
 import numpy as np
 import sqlite_utils
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from agent import metrics
 from agent.db import read_state, state_row
@@ -83,6 +83,27 @@ class ThresholdConfig(BaseModel):
     persist_every_s: float = Field(
         5.0, ge=0.0, description="save the baseline to SQLite at most this often (and on save())"
     )
+    value: float | None = Field(
+        None,
+        gt=0.0,
+        description="kind = fixed only: this absolute threshold instead of the calibration start value "
+        "(e.g. one chosen on a backtest with `edgewatch replay`)",
+    )
+    ewma_alpha: float = Field(
+        1.0,
+        gt=0.0,
+        le=1.0,
+        description="weight of the newest window score in a per-device exponentially weighted mean that "
+        "the threshold judges instead of the raw score (1 = no smoothing). Smoothing trades detection delay "
+        "for fewer single-window false alarms; the calibration quantiles are of raw scores, so a smoothed "
+        "score sits lower against them. The mean restarts from the next score after a restart",
+    )
+
+    @model_validator(mode="after")
+    def _value_needs_fixed(self) -> ThresholdConfig:
+        if self.value is not None and self.kind != "fixed":
+            raise ValueError(f"value is only used with kind = 'fixed' (kind is {self.kind!r})")
+        return self
 
 
 class Thresholder(Protocol):
@@ -367,7 +388,8 @@ class RollingMedian(RollingPercentile):
 
 
 class FixedThreshold:
-    """The calibration start value, forever: a baseline to compare against, and a safe fallback."""
+    """The calibration start value (or `value`), forever: a baseline to compare against, a safe fallback,
+    and the threshold chosen on a backtest."""
 
     def __init__(
         self,
@@ -378,6 +400,8 @@ class FixedThreshold:
     ) -> None:
         self.config = config
         self.start, self.floor, self.ceiling = _bounds(config, calibration)
+        if config.value is not None:
+            self.start = config.value
         self.model_id = model_id
 
     def classify(self, score: Score) -> Judgement:
@@ -398,6 +422,41 @@ class FixedThreshold:
         """Nothing to reset."""
 
 
+class Smoothed:
+    """Wraps a thresholder so it judges each device's EWMA of the window scores, not the raw score.
+
+    The judgement carries the smoothed score (alerts report what was judged); the mean starts at the
+    device's first score, like `training.skab`'s offline decision stage did before it moved here.
+    """
+
+    def __init__(self, inner: Thresholder, alpha: float) -> None:
+        if not 0.0 < alpha <= 1.0:
+            raise ValueError(f"ewma_alpha must be in (0, 1], got {alpha}")
+        self.inner = inner
+        self.alpha = alpha
+        self._mean: dict[str, float] = {}
+
+    def classify(self, score: Score) -> Judgement:
+        _check_score(score)
+        prev = self._mean.get(score.device, score.error)
+        mean = self.alpha * score.error + (1.0 - self.alpha) * prev
+        self._mean[score.device] = mean
+        return self.inner.classify(replace(score, error=mean))
+
+    def learn_one(self, judgement: Judgement) -> None:
+        self.inner.learn_one(judgement)
+
+    def threshold(self, device: str) -> float:
+        return self.inner.threshold(device)
+
+    def save(self) -> None:
+        self.inner.save()
+
+    def reset(self, device: str) -> None:
+        self._mean.pop(device, None)
+        self.inner.reset(device)
+
+
 def make_thresholder(
     config: ThresholdConfig,
     calibration: dict[str, float],
@@ -408,4 +467,5 @@ def make_thresholder(
     cls = {"rolling_median": RollingMedian, "rolling_percentile": RollingPercentile, "fixed": FixedThreshold}[
         config.kind
     ]
-    return cls(config, calibration, db, model_id)
+    inner: Thresholder = cls(config, calibration, db, model_id)
+    return inner if config.ewma_alpha >= 1.0 else Smoothed(inner, config.ewma_alpha)

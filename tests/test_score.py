@@ -98,3 +98,54 @@ def test_agent_modules_do_not_import_torch() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, cwd=Path(__file__).parents[1]
     )
     assert r.returncode == 0, f"agent imports {r.stdout.strip()} {r.stderr[-500:]}"
+
+
+# -- latent T2 bundles: the score is the code's Hotelling T2, attribution stays the reconstruction's ---
+@pytest.fixture(scope="module")
+def latent_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tiny_bundle(tmp_path_factory.mktemp("lat") / "tiny", window=16, latent=True)
+
+
+def test_latent_bundle_scores_the_codes_t2(latent_dir: Path) -> None:
+    bundle = load_bundle(latent_dir)
+    spec = bundle.manifest.score
+    assert spec is not None and spec.kind == "latent_t2"
+    scorer = Scorer(bundle)
+    wins = _windows(6, np.random.default_rng(7))
+    scores = scorer.score(wins)
+    # by hand, from the model's own outputs: a plain loop over the quadratic form
+    sess = bundle.session  # the same session options: int8 kernels differ slightly between settings
+    x = np.stack([scorer.scale(w.data) for w in wins])
+    recon, codes = sess.run(["recon", "latent"], {"x": x})
+    mu, inv = np.array(spec.mean), np.array(spec.inv_cov)
+    for s, code, xi, ri in zip(scores, codes, x, recon, strict=True):
+        d = code.astype(np.float64) - mu
+        t2 = sum(d[i] * inv[i, j] * d[j] for i in range(len(d)) for j in range(len(d)))
+        assert s.error == pytest.approx(t2, rel=1e-9)
+        per = ((xi.astype(np.float64) - ri) ** 2).mean(axis=0)
+        assert list(s.channel_errors.values()) == pytest.approx(per.tolist(), rel=1e-6)
+    # a window far from normal has a larger T2 than the normal ones
+    far = Window("pump-9", 0.0, 15.0, np.full((16, 3), [60.0, 9.0, 0.5], dtype=np.float32))
+    assert scorer.score([far])[0].error > max(s.error for s in scores)
+
+
+def test_latent_score_without_the_output_is_refused(tmp_path: Path, latent_dir: Path) -> None:
+    from agent.bundle import BundleError, Manifest, finalize_bundle
+
+    plain = tiny_bundle(tmp_path / "plain", window=16)  # its model has no `latent` output
+    spec = load_bundle(latent_dir).manifest.score
+    m = load_bundle(plain).manifest
+    finalize_bundle(plain, Manifest.model_validate({**m.model_dump(), "score": spec.model_dump()}))
+    with pytest.raises(BundleError, match="needs model output 'latent'"):
+        load_bundle(plain)
+
+
+def test_latent_score_shape_is_validated() -> None:
+    from pydantic import ValidationError
+
+    from agent.bundle import LatentScore
+
+    with pytest.raises(ValidationError, match="must be 2 x 2"):
+        LatentScore(mean=[0.0, 0.0], inv_cov=[[1.0, 0.0]])
+    with pytest.raises(ValidationError, match="non-finite"):
+        LatentScore(mean=[0.0], inv_cov=[[float("nan")]])

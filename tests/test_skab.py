@@ -212,17 +212,47 @@ def test_nab_late_detection_earns_the_fp_weight() -> None:
 
 
 def test_decision_stage_hand_worked() -> None:
-    from training.skab import DecisionConfig, alert_rows, ewma, fixed_threshold, hotelling_t2
+    """The agent's threshold and alert stages, as the benchmark drives them, on a hand-worked series."""
+    from training.skab import DecisionConfig, decide, fixed_threshold
 
-    assert ewma(np.array([1.0, 0.0, 0.0]), 0.5).tolist() == [1.0, 0.5, 0.25]
     assert fixed_threshold(np.array([0.0, 1.0, 2.0, 3.0, 4.0]), 0.5, 2.0) == pytest.approx(4.0)
-    cfg = DecisionConfig(open_k=2, open_n=3, recovery_ratio=0.5, resolve_m=2)
-    # opens on the 2nd of 3 above 1.0; 0.8 keeps it open (hysteresis); two scores under 0.5 resolve it
-    scores = np.array([2.0, 0.0, 2.0, 0.8, 0.4, 0.4, 0.4])
-    assert alert_rows(scores, 1.0, cfg).tolist() == [0, 0, 1, 1, 1, 0, 0]
+    cfg = DecisionConfig(
+        ewma_alpha=1.0,
+        threshold_quantile=0.5,
+        threshold_margin=2.0,
+        open_k=2,
+        open_n=3,
+        recovery_ratio=0.5,
+        resolve_m=2,
+    )
+    # 4 training windows at 0.5 -> threshold 2 x 0.5 = 1.0; then: opens on the 2nd of 3 above 1.0,
+    # 0.8 keeps it open (hysteresis), two scores under 0.5 resolve it
+    raw = np.array([0.5] * 4 + [2.0, 0.0, 2.0, 0.8, 0.4, 0.4, 0.4])
+    state, thr = decide(raw, 4, cfg)
+    assert thr == pytest.approx(1.0)
+    assert state.tolist() == [0] * 4 + [0, 0, 1, 1, 1, 0, 0]
+    # smoothing: alpha 0.5 halves a single spike (2.0 after 0.5 -> 1.25 > 1 opens with k = n = 1)...
+    one = DecisionConfig(ewma_alpha=0.5, threshold_quantile=0.5, threshold_margin=2.0)
+    assert decide(np.array([0.5] * 4 + [2.0, 0.5, 0.5]), 4, one)[0].tolist() == [0] * 4 + [1, 0, 0]
+    # ... and a spike of 1.4 stays under the threshold once smoothed (0.95), where alpha 1 alerts on it
+    assert decide(np.array([0.5] * 4 + [1.4, 0.5]), 4, one)[0].sum() == 0
+    raw_cfg = one.model_copy(update={"ewma_alpha": 1.0})
+    assert decide(np.array([0.5] * 4 + [1.4, 0.5]), 4, raw_cfg)[0].tolist() == [0] * 4 + [1, 0]
+
+
+def test_latent_t2_hand_worked() -> None:
+    from agent.score import latent_t2
+    from training.export import fit_latent_t2
+
     ref = np.array([[1.0, 0.0], [-1.0, 0.0], [0.0, 1.0], [0.0, -1.0]])  # mean 0, cov diag(2/3, 2/3)
-    t2 = hotelling_t2(np.vstack([ref, [[1.0, 1.0], [0.0, 0.0]]]), 4, ridge=0.0)
-    assert t2[-2:] == pytest.approx([3.0, 0.0])
+    spec = fit_latent_t2(ref, ridge=0.0)
+    t2 = latent_t2(np.array([[1.0, 1.0], [0.0, 0.0]]), np.array(spec.mean), np.array(spec.inv_cov))
+    assert t2 == pytest.approx([3.0, 0.0])
+    # the ridge adds ridge x mean variance to the diagonal: 1 / (2/3 + 2/3) per unit direction
+    spec = fit_latent_t2(ref, ridge=1.0)
+    assert latent_t2(np.array([[1.0, 1.0]]), np.array(spec.mean), np.array(spec.inv_cov)) == pytest.approx(
+        [1.5]
+    )
 
 
 # ---------------------------------------------------------------------------------------------- end to end

@@ -15,6 +15,7 @@ from agent.threshold import (
     FixedThreshold,
     RollingMedian,
     RollingPercentile,
+    Smoothed,
     ThresholdConfig,
     Thresholder,
     _quantile,
@@ -255,3 +256,35 @@ def test_fast_quantile_matches_numpy(n: int, q: float) -> None:
     for _ in range(20):
         values = rng.lognormal(0.0, 1.0, n)
         assert _quantile(values, q) == np.quantile(values, q)
+
+
+# -- smoothing and the fixed value ---------------------------------------------------------------------
+def test_smoothed_judges_the_per_device_ewma() -> None:
+    cfg = SMALL.model_copy(update={"kind": "fixed", "ewma_alpha": 0.25})
+    t = make_thresholder(cfg, CAL)
+    assert isinstance(t, Smoothed)
+    errors = [1.0, 9.0, 9.0, 9.0, 9.0, 1.0]
+    got = [j.score.error for j in feed(t, errors)]
+    expect, m = [], errors[0]  # the mean starts at the first score
+    for e in errors:
+        m = 0.25 * e + 0.75 * m
+        expect.append(m)
+    assert got == pytest.approx(expect)
+    # a single spike over the threshold (START = 5) is not judged anomalous, a sustained one is
+    assert [j.anomalous for j in feed(make_thresholder(cfg, CAL), errors)] == [e > START for e in expect]
+    assert not feed(make_thresholder(cfg, CAL), [1.0, 9.0])[-1].anomalous
+    # devices do not share a mean; reset forgets it
+    feed(t, [100.0], device="pump-02")
+    assert feed(t, [1.0])[0].score.error == pytest.approx(0.25 * 1.0 + 0.75 * expect[-1])
+    t.reset("pump-01")
+    assert feed(t, [7.0])[0].score.error == 7.0
+
+
+def test_fixed_value_overrides_the_calibration_start() -> None:
+    t = make_thresholder(SMALL.model_copy(update={"kind": "fixed", "value": 42.0}), CAL)
+    assert t.threshold("pump-01") == 42.0
+    assert [j.anomalous for j in feed(t, [41.0, 43.0])] == [False, True]
+    with pytest.raises(ValueError, match="only used with kind = 'fixed'"):
+        ThresholdConfig(kind="rolling_median", value=3.0)
+    with pytest.raises(ValueError):
+        ThresholdConfig(ewma_alpha=0.0)

@@ -23,7 +23,7 @@ from onnxruntime.quantization import QuantType, quantize_dynamic
 from onnxruntime.quantization.shape_inference import quant_pre_process
 from scipy.stats import spearmanr
 
-from agent.bundle import Parity
+from agent.bundle import LatentScore, Parity
 
 log = logging.getLogger(__name__)
 
@@ -42,24 +42,59 @@ class ParityResult:
     reasons: list[str]
 
 
-def export_fp32(model: torch.nn.Module, window: int, n_channels: int, path: Path) -> None:
-    """Legacy exporter (opset 17): one native LSTM node per layer, batch axis dynamic, 0.1 s."""
+class _WithLatent(torch.nn.Module):
+    """The autoencoder returning (reconstruction, code): what a `latent_t2` bundle exports."""
+
+    def __init__(self, ae: torch.nn.Module) -> None:
+        super().__init__()
+        self.ae = ae
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        _, (h, _) = self.ae.encoder(x)
+        latent = h[-1]
+        out, _ = self.ae.decoder(latent.unsqueeze(1).repeat(1, x.shape[1], 1))
+        return self.ae.output(out), latent
+
+
+def export_fp32(
+    model: torch.nn.Module, window: int, n_channels: int, path: Path, latent: bool = False
+) -> None:
+    """Legacy exporter (opset 17): one native LSTM node per layer, batch axis dynamic, 0.1 s.
+
+    `latent=True` adds a second output `latent` (the encoder's code, [batch, hidden]) after `recon`,
+    for bundles scored by the code's T2 (`agent.bundle.LatentScore`).
+    """
     model.eval()
+    module = _WithLatent(model).eval() if latent else model
+    outputs = ["recon", "latent"] if latent else ["recon"]
     dummy = torch.zeros(2, window, n_channels, dtype=torch.float32)
     with torch.no_grad(), warnings.catch_warnings():
         # tracer chatter about LSTM size checks and batch size: the graph has no h0/c0 inputs, so the
         # dynamic batch axis is safe (tests run batch 1 and larger batches through onnxruntime)
         warnings.simplefilter("ignore")
         torch.onnx.export(
-            model,
+            module,
             (dummy,),
             str(path),
             dynamo=False,
             opset_version=17,
             input_names=["x"],
-            output_names=["recon"],
-            dynamic_axes={"x": {0: "batch"}, "recon": {0: "batch"}},
+            output_names=outputs,
+            dynamic_axes={name: {0: "batch"} for name in ["x", *outputs]},
         )
+
+
+def fit_latent_t2(codes: np.ndarray, ridge: float) -> LatentScore:
+    """T2 reference from training codes [n, H]: mean and inverse of the covariance plus
+    `ridge` x (mean code variance) on the diagonal (low-variance directions would otherwise dominate)."""
+    ref = np.asarray(codes, dtype=np.float64)
+    if ref.ndim != 2 or len(ref) < 2:
+        raise ValueError(f"need at least 2 codes [n, H] to fit T2, got shape {ref.shape}")
+    mu = ref.mean(axis=0)
+    cov = np.atleast_2d(np.cov(ref, rowvar=False))
+    cov = cov + ridge * max(np.trace(cov) / len(cov), 1e-12) * np.eye(len(cov))
+    inv = np.linalg.inv(cov)
+    return LatentScore(mean=mu.tolist(), inv_cov=inv.tolist(), ridge=ridge)
 
 
 def lstm_ops(path: Path) -> dict[str, int]:

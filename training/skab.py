@@ -28,8 +28,6 @@ import os
 import shutil
 import tempfile
 import time
-import warnings
-from collections import deque
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -128,17 +126,7 @@ class SkabConfig(BaseModel):
 
 
 # --------------------------------------------------------------------------------------------------
-# Decision stage shared by the detectors (same protocol for every detector)
-
-
-def ewma(x: np.ndarray, alpha: float) -> np.ndarray:
-    """Exponentially weighted moving average, started at the first value (causal)."""
-    out = np.empty(len(x), dtype=np.float64)
-    s = float(x[0]) if len(x) else 0.0
-    for i, v in enumerate(x):
-        s = alpha * float(v) + (1.0 - alpha) * s
-        out[i] = s
-    return out
+# Decision stage shared by the detectors: the agent's own threshold and alert stages
 
 
 def fixed_threshold(train_scores: np.ndarray, quantile: float, margin: float) -> float:
@@ -148,42 +136,56 @@ def fixed_threshold(train_scores: np.ndarray, quantile: float, margin: float) ->
     return float(margin * np.quantile(train_scores, quantile))
 
 
-def alert_rows(scores: np.ndarray, threshold: float, cfg: DecisionConfig) -> np.ndarray:
-    """Alert state per window: opens on open_k of the last open_n above the threshold, resolves after
-    resolve_m consecutive windows below recovery_ratio x threshold (the product's alert stage)."""
-    out = np.zeros(len(scores), dtype=np.int8)
-    recent: deque[bool] = deque(maxlen=cfg.open_n)
-    is_open, under = False, 0
-    for i, v in enumerate(scores):
-        recent.append(bool(v > threshold))
-        if not is_open:
-            if sum(recent) >= cfg.open_k:
-                is_open, under = True, 0
-        else:
-            under = under + 1 if v < cfg.recovery_ratio * threshold else 0
-            if under >= cfg.resolve_m:
-                is_open = False
-                recent.clear()
-        out[i] = is_open
-    return out
+def _quantiles(x: np.ndarray) -> dict[str, float]:
+    """Calibration quantiles (p50 ... p99.9) of training scores, as a bundle's calibration holds them."""
+    from agent.bundle import QUANTILE_KEYS
+
+    levels = [float(k[1:]) for k in QUANTILE_KEYS]
+    return dict(zip(QUANTILE_KEYS, np.maximum.accumulate(np.percentile(x, levels)).tolist(), strict=True))
 
 
-def decide(raw: np.ndarray, n_train: int, cfg: DecisionConfig) -> tuple[np.ndarray, float]:
-    """Smoothed score -> threshold from the first n_train (training) windows -> alert state per window."""
-    s = ewma(raw, cfg.ewma_alpha)
-    thr = fixed_threshold(s[:n_train], cfg.threshold_quantile, cfg.threshold_margin)
-    return alert_rows(s, thr, cfg), thr
+def decide(
+    raw: np.ndarray, n_train: int, cfg: DecisionConfig, device: str = "skab"
+) -> tuple[np.ndarray, float]:
+    """Window scores -> alert state per window, through `agent.threshold` and `agent.alert`.
 
+    The EWMA is the agent's `Smoothed` thresholder (`threshold.ewma_alpha`), the threshold a `fixed`
+    one whose `value` is margin x quantile of the training windows' smoothed scores, and the alert
+    state the agent's `AlertManager` (k-of-n to open, recovery ratio and m windows to resolve, no
+    cooldown). A window is "alerting" while its device has an open alert after it was judged.
+    """
+    from agent.alert import AlertConfig, AlertManager
+    from agent.threshold import ThresholdConfig, make_thresholder
+    from agent.types import Score
 
-def hotelling_t2(codes: np.ndarray, n_train: int, ridge: float) -> np.ndarray:
-    """T2 of every code against the first n_train codes (mean and ridge-regularised covariance)."""
-    ref = codes[:n_train].astype(np.float64)
-    mu = ref.mean(axis=0)
-    cov = np.atleast_2d(np.cov(ref, rowvar=False))
-    cov = cov + ridge * max(np.trace(cov) / len(cov), 1e-12) * np.eye(len(cov))
-    inv = np.linalg.inv(cov)
-    d = codes.astype(np.float64) - mu
-    return np.einsum("ij,jk,ik->i", d, inv, d)
+    if len(raw) <= n_train:
+        raise ValueError(f"{len(raw)} window scores but {n_train} training windows: nothing to judge")
+    scores = [Score(device, float(i), float(i), float(v), {}, "skab") for i, v in enumerate(raw)]
+    # pass 1: the smoothed scores (they depend on ewma_alpha only) -> the threshold, training rows only
+    smoother = make_thresholder(
+        ThresholdConfig(kind="fixed", ewma_alpha=cfg.ewma_alpha), _quantiles(raw[:n_train])
+    )
+    smooth = np.array([smoother.classify(sc).score.error for sc in scores])
+    thr = fixed_threshold(smooth[:n_train], cfg.threshold_quantile, cfg.threshold_margin)
+    # pass 2: the decision, window by window, as the live agent makes it
+    thresholder = make_thresholder(
+        ThresholdConfig(kind="fixed", value=thr, ewma_alpha=cfg.ewma_alpha), _quantiles(smooth[:n_train])
+    )
+    alerts = AlertManager(
+        AlertConfig(
+            open_k=cfg.open_k,
+            open_n=cfg.open_n,
+            recovery_ratio=cfg.recovery_ratio,
+            resolve_m=cfg.resolve_m,
+            cooldown_s=0.0,
+        ),
+        gateway_id="skab",
+    )
+    state = np.zeros(len(raw), dtype=np.int8)
+    for i, sc in enumerate(scores):
+        alerts.update(thresholder.classify(sc))
+        state[i] = alerts.open_alert(device) is not None
+    return state, thr
 
 
 # --------------------------------------------------------------------------------------------------
@@ -249,54 +251,34 @@ def run_isolation_forest_notebook(f: SkabFile) -> FileResult:
     return FileResult(rows, float("nan"))
 
 
-class _WithLatent:
-    """Builds a torch module returning (reconstruction, code) from a product LSTMAutoencoder."""
+def _codes(sess, scaler, windows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:  # type: ignore[no-untyped-def]
+    """(latent codes [n, H], per-channel reconstruction errors [n, c]) of physical-unit windows, one
+    window per run as the agent scores them (int8 activations are quantized per run)."""
+    from agent.score import window_errors
 
-    @staticmethod
-    def wrap(model):  # type: ignore[no-untyped-def]
-        import torch
-
-        class WithLatent(torch.nn.Module):
-            def __init__(self, ae: torch.nn.Module) -> None:
-                super().__init__()
-                self.ae = ae
-
-            def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-                _, (h, _) = self.ae.encoder(x)
-                latent = h[-1]
-                out, _ = self.ae.decoder(latent.unsqueeze(1).repeat(1, x.shape[1], 1))
-                return self.ae.output(out), latent
-
-        return WithLatent(model).eval()
-
-
-def export_with_latent(model, window: int, n_channels: int, path: Path) -> None:  # type: ignore[no-untyped-def]
-    """ONNX with outputs `recon` (first, what agent.score uses) and `latent` (the encoder's code)."""
-    import torch
-
-    dummy = torch.zeros(2, window, n_channels, dtype=torch.float32)
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(
-            _WithLatent.wrap(model),
-            (dummy,),
-            str(path),
-            dynamo=False,
-            opset_version=17,
-            input_names=["x"],
-            output_names=["recon", "latent"],
-            dynamic_axes={"x": {0: "batch"}, "recon": {0: "batch"}, "latent": {0: "batch"}},
-        )
+    c, s = np.asarray(scaler.center, np.float32), np.asarray(scaler.scale, np.float32)
+    codes, per = [], []
+    for w in windows:
+        xs = ((w[None] - c) / s).astype(np.float32)
+        recon, latent = sess.run(["recon", "latent"], {"x": xs})
+        codes.append(latent[0])
+        per.append(window_errors(xs, recon)[1][0])
+    return np.asarray(codes), np.asarray(per)
 
 
 def build_file_bundle(f: SkabFile, cfg: SkabConfig, seed: int, out: Path) -> dict:
-    """Train the product autoencoder on the file's first 400 rows and write an int8 bundle into `out`."""
+    """Train the product autoencoder on the file's first 400 rows and write an int8 `latent_t2` bundle.
+
+    The manifest's score (mean and inverse covariance of the training windows' int8 codes) and its
+    calibration (T2 quantiles of the same windows) come from the training rows only.
+    """
     import torch
 
-    from agent.bundle import Calibration, ChannelSpec, Manifest, finalize_bundle
-    from training.export import quantize_int8
+    from agent.bundle import ChannelSpec, Manifest, _make_session, finalize_bundle
+    from agent.score import latent_t2
+    from training.export import export_fp32, fit_latent_t2, quantize_int8
     from training.model import LSTMAutoencoder, count_parameters
-    from training.pipeline import calibrate, errors_with, fit_scaler, session
+    from training.pipeline import calibrate, fit_scaler
     from training.train import TrainConfig, fit, seed_everything
 
     x = _channel_matrix(f, cfg.channels)
@@ -322,9 +304,12 @@ def build_file_bundle(f: SkabFile, cfg: SkabConfig, seed: int, out: Path) -> dic
     hist = fit(model, (train[tr_idx] - c) / s, (train[val_idx] - c) / s, tcfg)
     out.mkdir(parents=True, exist_ok=True)
     fp32, int8 = out / "model.fp32.onnx", out / "model.onnx"
-    export_with_latent(model, cfg.window, len(cfg.channels), fp32)
+    export_fp32(model, cfg.window, len(cfg.channels), fp32, latent=True)
     ops = quantize_int8(fp32, int8, expected_lstms=2)
-    total, per = errors_with(session(int8), scaler, train[val_idx])
+    codes, per = _codes(_make_session(int8, 1), scaler, train)  # the agent's session options
+    score = fit_latent_t2(codes, cfg.ridge)
+    t2 = latent_t2(codes, np.asarray(score.mean), np.asarray(score.inv_cov))
+    calibration = calibrate(t2, per).model_copy(update={"error": "latent_t2"})
     manifest = Manifest(
         channels=[ChannelSpec(name=ch) for ch in cfg.channels],
         window=cfg.window,
@@ -332,7 +317,8 @@ def build_file_bundle(f: SkabFile, cfg: SkabConfig, seed: int, out: Path) -> dic
         sample_period_s=1.0,
         max_gap_s=0.0,
         scaler=scaler,
-        calibration=Calibration.model_validate(calibrate(total, per).model_dump()),
+        calibration=calibration,
+        score=score,
         architecture={
             "type": "lstm_autoencoder",
             "hidden": cfg.hidden,
@@ -352,61 +338,55 @@ def build_file_bundle(f: SkabFile, cfg: SkabConfig, seed: int, out: Path) -> dic
     return {"epochs": len(hist.val_loss), "val_loss": hist.best_val_loss, "train_s": hist.seconds}
 
 
-def bundle_codes(
-    bundle_dir: Path, windows: np.ndarray, parity: bool
-) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-    """(recon error as agent.score computes it, int8 latent, fp32 latent or None) for physical-unit
-    windows: one int8 run through the verified bundle's session gives both outputs."""
-    import onnxruntime as ort
-
+def agent_scores(bundle_dir: Path, windows: np.ndarray, device: str = "skab") -> np.ndarray:
+    """Window scores as the agent computes them: the verified bundle, `agent.score.Scorer`, one window
+    per call (what the live agent and `edgewatch replay` do)."""
     from agent.bundle import load_bundle
-    from agent.score import Scorer, window_errors
+    from agent.score import Scorer
+    from agent.types import Window
 
     scorer = Scorer(load_bundle(bundle_dir))
-    sess = scorer.bundle.session
-    fp32 = None
-    if parity:
-        fp32 = ort.InferenceSession(str(bundle_dir / "model.fp32.onnx"), providers=["CPUExecutionProvider"])
-    errs, lat8, lat32 = [], [], []
-    for i in range(0, len(windows), 512):
-        xs = scorer.scale(windows[i : i + 512])
-        recon, latent = sess.run(["recon", "latent"], {"x": xs})
-        errs.append(window_errors(xs, recon)[0])
-        lat8.append(latent)
-        if fp32 is not None:
-            lat32.append(fp32.run(["latent"], {"x": xs})[0])
-    return np.concatenate(errs), np.concatenate(lat8), (np.concatenate(lat32) if lat32 else None)
+    return np.array(
+        [scorer.score([Window(device, float(i), float(i), w)])[0].error for i, w in enumerate(windows)]
+    )
 
 
 def run_lstm(
     f: SkabFile, cfg: SkabConfig, seed: int, workdir: Path, parity: bool = True
 ) -> dict[str, FileResult]:
-    """Product path: train -> int8 bundle -> Scorer session -> T2 of the code -> decision stage.
+    """Product path: train -> int8 bundle -> agent Scorer (T2 of the code) -> agent threshold + alerts.
 
     Returns one result per decision stage: "streaming" (cfg.decision) and "leaderboard" (the second
-    operating point), both from the same int8 model.
+    operating point), both from the same int8 model; with `parity`, "fp32" too (the same recipe on the
+    fp32 model: what quantization changed).
     """
     bdir = workdir / f"{f.name.replace('/', '_')}_s{seed}"
     info = build_file_bundle(f, cfg, seed, bdir)
     x = _channel_matrix(f, cfg.channels).astype(np.float32)
     wins = stream_windows(x, cfg.window)
-    _rec, lat8, lat32 = bundle_codes(bdir, wins, parity)
     n_train = TRAIN_ROWS - cfg.window + 1
-    raw8 = hotelling_t2(lat8, n_train, cfg.ridge)
+    raw8 = agent_scores(bdir, wins)
     state, thr = decide(raw8, n_train, cfg.decision)
     lb_state, lb_thr = decide(raw8, n_train, cfg.leaderboard_decision)
-    if lat32 is not None:  # the same decisions from the fp32 model: what quantization changed
-        state32, _ = decide(hotelling_t2(lat32, n_train, cfg.ridge), n_train, cfg.decision)
-        rows32 = _test_part(state32, cfg.window)
-        info["int8_fp32_row_agreement"] = float(np.mean(_test_part(state, cfg.window) == rows32))
-    info["bundle_bytes_int8"] = (bdir / "model.onnx").stat().st_size
-    shutil.rmtree(bdir, ignore_errors=True)
     out = {
         "streaming": FileResult(_test_part(state, cfg.window), thr, info),
         "leaderboard": FileResult(_test_part(lb_state, cfg.window), lb_thr, {}),
     }
-    if lat32 is not None:
+    if parity:
+        from agent.bundle import _make_session, load_bundle
+        from agent.score import latent_t2
+        from training.export import fit_latent_t2
+
+        scaler = load_bundle(bdir).manifest.scaler
+        lat32, _ = _codes(_make_session(bdir / "model.fp32.onnx", 1), scaler, wins)
+        ref = fit_latent_t2(lat32[:n_train], cfg.ridge)
+        raw32 = latent_t2(lat32, np.asarray(ref.mean), np.asarray(ref.inv_cov))
+        state32, _ = decide(raw32, n_train, cfg.decision)
+        rows32 = _test_part(state32, cfg.window)
+        info["int8_fp32_row_agreement"] = float(np.mean(_test_part(state, cfg.window) == rows32))
         out["fp32"] = FileResult(rows32, float("nan"), {})
+    info["bundle_bytes_int8"] = (bdir / "model.onnx").stat().st_size
+    shutil.rmtree(bdir, ignore_errors=True)
     return out
 
 

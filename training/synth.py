@@ -74,21 +74,37 @@ def write_synth_csv(
 
 
 def tiny_bundle(
-    out: str | Path, window: int = 16, n_channels: int = 3, hidden: int = 8, seed: int = 0
+    out: str | Path,
+    window: int = 16,
+    n_channels: int = 3,
+    hidden: int = 8,
+    seed: int = 0,
+    latent: bool = False,
 ) -> Path:
-    """An untrained but real int8 bundle in ~1 s, for tests of loading, verification and scoring."""
+    """An untrained but real int8 bundle in ~1 s, for tests of loading, verification and scoring.
+
+    `latent=True`: the model also outputs its code and the manifest scores windows by the code's T2,
+    fitted on the codes of random windows around the scaler's center.
+    """
     import torch
 
     from agent.bundle import Calibration, ChannelSpec, Manifest, Scaler, finalize_bundle
-    from training.export import export_fp32, quantize_int8
+    from training.export import export_fp32, fit_latent_t2, quantize_int8
     from training.model import LSTMAutoencoder
 
     root = Path(out)
     root.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
     model = LSTMAutoencoder(n_channels, hidden, 1)
-    export_fp32(model, window, n_channels, root / "model.fp32.onnx")
+    export_fp32(model, window, n_channels, root / "model.fp32.onnx", latent=latent)
     quantize_int8(root / "model.fp32.onnx", root / "model.onnx", expected_lstms=2)
+    score = None
+    if latent:
+        import onnxruntime as ort
+
+        sess = ort.InferenceSession(str(root / "model.onnx"), providers=["CPUExecutionProvider"])
+        ref = np.random.default_rng(seed).normal(size=(64, window, n_channels)).astype(np.float32)
+        score = fit_latent_t2(sess.run(["latent"], {"x": ref})[0], ridge=0.1)
     names = ["temperature", "vibration", "pressure", "current", "flow", "voltage"][:n_channels]
     manifest = Manifest(
         channels=[ChannelSpec(name=n, unit="u") for n in names],
@@ -106,6 +122,7 @@ def tiny_bundle(
             channel_error_std=[0.1] * n_channels,
             n_windows=100,
         ),
+        score=score,
     )
     finalize_bundle(root, manifest)
     return root
