@@ -98,6 +98,23 @@ def write_summary(result: ReplayResult, out: IO[str] = sys.stdout) -> None:
             print(f"  {device}: alert {alert_id} at {iso_utc(opened)}, peak {peak:.3g}, {end}", file=out)
 
 
+REPLAY_BATCH_ROWS = 5000
+
+
+def _bulk_transactions(pipeline: Any) -> None:
+    """Write the replay's readings and scores in transactions of at least REPLAY_BATCH_ROWS rows.
+
+    The live default (`buffer.batch_size`, 100) bounds what a crash of a gateway loses; a replay
+    has no such loss to bound (the recording is still there), and at 100 rows per transaction the
+    commits cost about as much as the rows themselves (bench VM: 66k vs 152k rows/s raw). Same rows,
+    same order, only fewer commits.
+    """
+    buffer = getattr(pipeline, "buffer", None)
+    config = getattr(buffer, "config", None)
+    if config is not None and config.batch_size < REPLAY_BATCH_ROWS:
+        buffer.config = config.model_copy(update={"batch_size": REPLAY_BATCH_ROWS})
+
+
 def replay(
     recordings: Sequence[Recording],
     pipeline_factory: Any,
@@ -112,6 +129,7 @@ def replay(
     """
     result = ReplayResult(recordings=list(recordings))
     pipeline = pipeline_factory(result.events.append, result.judgements.append)
+    _bulk_transactions(pipeline)
     total = sum(len(r) if r.arrived is None else int(r.arrived.sum()) for r in recordings)
     readings: Iterator[Reading] = paced(iter_readings(recordings), speed)
     bar = None
