@@ -93,7 +93,8 @@ class Windower:
         if not math.isfinite(ts):
             return []
         get = reading.values.get
-        row = tuple(float(get(c, math.nan)) for c in self.channels)
+        nan = math.nan
+        row = tuple([float(get(c, nan)) for c in self.channels])
         st = self._devices.get(reading.device)
         if st is None:
             st = self._devices[reading.device] = _Device(last_finite=[None] * len(self.channels))
@@ -110,16 +111,28 @@ class Windower:
                 st.last_finite = [None] * len(self.channels)
         st.ts.append(ts)
         st.rows.append(row)
-        k_now = self._k_floor(ts)
-        k_done = k_now
-        for c, x in enumerate(row):
-            if math.isfinite(x):
-                st.last_finite[c] = ts
-                continue
-            last = st.last_finite[c]
-            if last is not None and ts - last < self.max_gap:
-                k_done = min(k_done, self._k_floor(last))  # a later sample may still bridge this channel
-        out += self._emit(reading.device, st, k_done)
+        period = self.period
+        k_done = math.floor(ts / period + _SNAP)
+        last_finite = st.last_finite
+        if math.isfinite(sum(row)):  # a finite sum means every value is finite (the usual reading)
+            for c in range(len(last_finite)):
+                last_finite[c] = ts
+        else:
+            for c, x in enumerate(row):
+                if math.isfinite(x):
+                    last_finite[c] = ts
+                    continue
+                last = last_finite[c]
+                if last is not None and ts - last < self.max_gap:
+                    k_done = min(k_done, self._k_floor(last))  # a later sample may still bridge this channel
+        next_k = st.next_k
+        if next_k is not None and next_k > k_done:
+            # What `_emit` does when no window end is due yet (most readings), without the call.
+            first_possible = math.ceil(st.ts[0] / period - _SNAP) + self.window - 1
+            if first_possible > next_k:
+                st.next_k = -(-first_possible // self.stride) * self.stride
+        else:
+            out += self._emit(reading.device, st, k_done)
         self._evict(st)
         return out
 

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from agent.resample import resample_to_grid
 from agent.types import Reading, Window
-from agent.window import WindowConfig, Windower
+from agent.window import WindowConfig, Windower, _Device
 
 CH = ("temperature", "vibration", "pressure")
 T0 = 1_764_806_400.0  # a multiple of every period used here
@@ -212,3 +212,66 @@ def test_live_equals_offline_and_restart_is_a_consistent_subset(
     t_j = readings[j].ts
     settled = [k for k in ref if k[1] >= t_j + max_gap + 1e-3 and k[2] <= last - max_gap]
     assert settled == [k for k in restarted if k[1] >= t_j + max_gap + 1e-3 and k[2] <= last - max_gap]
+
+
+class _EveryPushEvaluates(Windower):
+    """The windower as it was before the per-reading shortcuts in `push`: `_emit` on every reading and
+    the per-channel finiteness loop. The shortcuts must not change a window or the ring."""
+
+    def push(self, reading: Reading) -> list[Window]:
+        ts = float(reading.ts)
+        if not math.isfinite(ts):
+            return []
+        row = tuple(float(reading.values.get(c, math.nan)) for c in self.channels)
+        st = self._devices.get(reading.device)
+        if st is None:
+            st = self._devices[reading.device] = _Device(last_finite=[None] * len(self.channels))
+        out: list[Window] = []
+        if st.ts:
+            prev = st.ts[-1]
+            if ts <= prev:
+                return []
+            if ts - prev > self.max_gap:
+                out += self._emit(reading.device, st, self._k_floor(prev))
+                st.ts.clear()
+                st.rows.clear()
+                st.last_finite = [None] * len(self.channels)
+        st.ts.append(ts)
+        st.rows.append(row)
+        k_done = self._k_floor(ts)
+        for c, x in enumerate(row):
+            if math.isfinite(x):
+                st.last_finite[c] = ts
+                continue
+            last = st.last_finite[c]
+            if last is not None and ts - last < self.max_gap:
+                k_done = min(k_done, self._k_floor(last))
+        out += self._emit(reading.device, st, k_done)
+        self._evict(st)
+        return out
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_push_shortcuts_change_no_window_and_no_ring(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    period = float(rng.choice([0.5, 1.0]))
+    window, stride = int(rng.choice([4, 16, 64])), int(rng.choice([1, 3, 8]))
+    max_gap = float(rng.choice([0.0, 2.0, 5.0]))
+    fast, ref = (cls(CH, window, stride, period, max_gap) for cls in (Windower, _EveryPushEvaluates))
+    ts = {d: T0 + rng.uniform(0, 3) for d in ("a", "b")}
+    for _ in range(3000):
+        d = str(rng.choice(["a", "b"]))
+        ts[d] += float(rng.choice([period, period, period, 0.7 * period, 2 * period, 9 * period]))
+        vals = {c: float(rng.normal(10, 3)) for c in CH if rng.random() > 0.03}
+        if rng.random() < 0.03:
+            vals["vibration"] = math.nan
+        r = Reading(d, round(ts[d], 3), vals)
+        assert [key(w) for w in fast.push(r)] == [key(w) for w in ref.push(r)]
+    for d in ("a", "b"):
+        a, b = fast._devices[d], ref._devices[d]
+        assert (list(a.ts), list(a.rows), a.last_finite, a.next_k) == (
+            list(b.ts),
+            list(b.rows),
+            b.last_finite,
+            b.next_k,
+        )
