@@ -136,9 +136,14 @@ class Validator:
                 return self._reject("schema", f"required channel {ch!r} missing", reading)
         if not math.isfinite(reading.ts):
             return self._reject("schema", f"timestamp {reading.ts} is not finite", reading)
-        for ch, x in values.items():
-            if not math.isfinite(x):
-                return self._reject("nan", f"{ch} is {x}", reading)
+        try:  # a finite sum means every value is finite: skip the per-channel test (the usual reading)
+            all_finite = math.isfinite(sum(values.values()))
+        except TypeError:
+            all_finite = False
+        if not all_finite:
+            for ch, x in values.items():
+                if not math.isfinite(x):
+                    return self._reject("nan", f"{ch} is {x}", reading)
         for ch, x in values.items():
             r = self._ranges.get(ch)
             if r is not None and not r[0] <= x <= r[1]:
@@ -159,7 +164,10 @@ class Validator:
                     "out_of_order", f"ts {reading.ts:.3f} older than last accepted {last.ts:.3f}", reading
                 )
             # seq may restart at 0 (firmware reboot) or wrap; the newer timestamp decides.
-        self._last[reading.device] = _Last(reading.ts, reading.seq)
+        if last is None:
+            self._last[reading.device] = _Last(reading.ts, reading.seq)
+        else:
+            last.ts, last.seq = reading.ts, reading.seq
         counter = self._accepted.get(reading.device)
         if counter is None:  # labels() costs a lock and a dict build: look the child up once per device
             counter = self._accepted[reading.device] = metrics.READINGS_IN.labels(reading.device)

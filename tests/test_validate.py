@@ -150,3 +150,17 @@ def test_rate_limited_log_suppresses_and_reports_count(caplog: pytest.LogCapture
     lines = [r.getMessage() for r in caplog.records]
     assert len(lines) == 3
     assert "+49 more 'range' rejects" in lines[2]
+
+
+def test_nan_is_reported_before_range_and_huge_finite_values_are_not_nan() -> None:
+    """The NaN test is skipped when the values' sum is finite; it must still win over the range test,
+    and finite values whose sum overflows to inf must not become a 'nan' reject."""
+    v = Validator(ValidationConfig(ranges={"a": (-1.0, 1.0)}))
+    out = v.check(rd(NOW, 1, a=5.0, b=math.nan), None)
+    assert isinstance(out, Reject) and out.reason == "nan" and "b is nan" in out.detail
+    out = v.check(rd(NOW, 2, a=0.5, b=1e308, c=1e308), None)
+    assert isinstance(out, Reading)
+    out = v.check(rd(NOW + 1, 3, a=0.5, b=-math.inf, c=math.inf), None)
+    assert isinstance(out, Reject) and out.reason == "nan" and "b is -inf" in out.detail
+    out = v.check(rd(NOW + 2, 4, a=5.0, b=1e308, c=1e308), None)
+    assert isinstance(out, Reject) and out.reason == "range"
