@@ -98,15 +98,26 @@ class HealthMonitor:
     def observe_reading(self, reading: Reading) -> list[Event]:
         """Track silence and stuck channels. Uses the gateway clock when known (device time in replay)."""
         now = reading.received if reading.received is not None else reading.ts
+        device = reading.device
         events: list[Event] = []
-        self._last_seen[reading.device] = now
-        silent = self._open.get((reading.device, None, "silent"))
-        if silent is not None:
-            events.append(self._clear(silent, now, "readings resumed"))
+        self._last_seen[device] = now
+        if self._open:
+            silent = self._open.get((device, None, "silent"))
+            if silent is not None:
+                events.append(self._clear(silent, now, "readings resumed"))
+        runs = self._runs
+        eps = self.config.stuck_eps
         for channel, value in reading.values.items():
             if not math.isfinite(value):
                 continue  # a missing value neither extends nor breaks a run
-            events.extend(self._observe_value(reading.device, channel, value, now))
+            # Hot path (per channel per reading), `_observe_value` inlined: the value breaks the run
+            # and no episode is open, so the run restarts in place and nothing is emitted.
+            run = runs.get((device, channel))
+            if run is not None and not self._open and not max(run.hi, value) - min(run.lo, value) <= eps:
+                run.lo = run.hi = value
+                run.n = 1
+                continue
+            events.extend(self._observe_value(device, channel, value, now))
         return events
 
     def observe_reject(self, reject: Reject, origin: str, now: float) -> list[Event]:

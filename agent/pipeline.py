@@ -88,7 +88,9 @@ class Pipeline:
             self._rejected(checked, origin or reading.device, now if now is not None else reading.ts)
             return
         self.stats.accepted += 1
-        self._send(self.health.observe_reading(checked))
+        events = self.health.observe_reading(checked)
+        if events:
+            self._send(events)
         self.buffer.add(checked)
         windows = self.windower.push(checked)
         if windows:
