@@ -94,12 +94,18 @@ class HealthMonitor:
         self._runs: dict[tuple[str, str], _Run] = {}
         self._offences: dict[tuple[str, str], deque[float]] = {}
         self._open: dict[tuple[str, str | None, str], _Episode] = {}  # (source, channel, kind)
+        # A lower bound of `next_due`, kept while only readings of known, non-silent devices arrive
+        # (they only move their own silence deadline later); None = recompute.
+        self._due: float | None = None
 
     def observe_reading(self, reading: Reading) -> list[Event]:
         """Track silence and stuck channels. Uses the gateway clock when known (device time in replay)."""
         now = reading.received if reading.received is not None else reading.ts
         device = reading.device
         events: list[Event] = []
+        seen = self._last_seen.get(device)
+        if seen is None or now < seen:  # a new device (or a clock step back) may move next_due earlier
+            self._due = None
         self._last_seen[device] = now
         if self._open:
             silent = self._open.get((device, None, "silent"))
@@ -113,7 +119,11 @@ class HealthMonitor:
             # Hot path (per channel per reading), `_observe_value` inlined: the value breaks the run
             # and no episode is open, so the run restarts in place and nothing is emitted.
             run = runs.get((device, channel))
-            if run is not None and not self._open and not max(run.hi, value) - min(run.lo, value) <= eps:
+            if (
+                run is not None
+                and not max(run.hi, value) - min(run.lo, value) <= eps
+                and (not self._open or (device, channel, "stuck") not in self._open)
+            ):
                 run.lo = run.hi = value
                 run.n = 1
                 continue
@@ -123,6 +133,7 @@ class HealthMonitor:
     def observe_reject(self, reject: Reject, origin: str, now: float) -> list[Event]:
         """Count an offending input; raise when reject_k fall within reject_window_s."""
         events: list[Event] = []
+        self._due = None
         if reject.device is not None and reject.device in self._last_seen:
             # a device that sends bad data is not silent: report the bad data, not a second problem
             self._last_seen[reject.device] = now
@@ -156,6 +167,7 @@ class HealthMonitor:
     def tick(self, now: float) -> list[Event]:
         """Periodic checks on the gateway clock: silent devices, and reject episodes that went quiet."""
         events: list[Event] = []
+        self._due = None
         for device, seen in self._last_seen.items():
             quiet = now - seen
             if quiet >= self.config.silence_s and (device, None, "silent") not in self._open:
@@ -169,7 +181,13 @@ class HealthMonitor:
 
     def next_due(self) -> float:
         """A time before which `tick` cannot emit or change anything (inf: nothing pending), so replay
-        can skip the ticks of a long gap in the data. Conservative by 1 ms against float rounding."""
+        can skip the ticks of a long gap in the data. Conservative by 1 ms against float rounding.
+
+        Cached between calls: a reading of a known device that is not silent only moves that device's
+        deadline later, so the cached value stays a lower bound (a tick before the real due time
+        emits nothing); anything else (new device, reject, tick, raise, clear) drops the cache."""
+        if self._due is not None:
+            return self._due
         due = math.inf
         for device, seen in self._last_seen.items():
             if (device, None, "silent") not in self._open:
@@ -178,7 +196,8 @@ class HealthMonitor:
         for episode in self._open.values():
             if episode.kind in reject_kinds:
                 due = min(due, episode.last_offence + self.config.clear_s)
-        return due - 1e-3
+        self._due = due - 1e-3
+        return self._due
 
     def active(self) -> list[dict]:
         """Raised, not yet cleared events (for status and tests)."""
@@ -234,10 +253,12 @@ class HealthMonitor:
             last_offence=now,
         )
         self._open[(source, channel, kind)] = episode
+        self._due = None
         return self._event(episode, "raised", 0, now, detail)
 
     def _clear(self, episode: _Episode, now: float, detail: str) -> Event:
         del self._open[(episode.source, episode.channel, episode.kind)]
+        self._due = None
         if episode.kind != "silent" and episode.kind != "stuck":
             self._offences.pop((episode.source, episode.kind), None)
         return self._event(episode, "cleared", 1, now, detail)

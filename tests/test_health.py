@@ -210,3 +210,40 @@ def test_each_episode_is_raised_once_and_cleared_at_most_once(steps: list[tuple[
             active.remove(key)
     assert all(s in (["raised"], ["raised", "cleared"]) for s in states.values())
     assert {(a["device"], a["channel"], a["kind"]) for a in h.active()} == active
+
+
+def test_ticking_only_when_next_due_says_so_emits_what_ticking_every_second_emits() -> None:
+    """Replay ticks only from `next_due()` on, which is cached between readings. Bursts of devices
+    (known and new) with gaps, rejects with and without a device: the events must equal those of a
+    monitor ticked every second, and the cached due never later than a fresh computation."""
+    import random
+
+    rnd = random.Random(3)
+    cfg = HealthConfig(silence_s=5.0, reject_k=2, reject_window_s=10.0, clear_s=4.0, stuck_n=3)
+    mon, ref = HealthMonitor(cfg, "gw"), HealthMonitor(cfg, "gw")
+    got: list[Event] = []
+    want: list[Event] = []
+    now = next_tick = 1_764_806_400.0
+    for burst in range(600):
+        device = rnd.choice(["a", "b", "c", f"new{burst}"])
+        for _ in range(rnd.randrange(1, 12)):
+            now += rnd.choice([0.5, 1.0, 1.0, 2.0])
+            while now >= next_tick:
+                want += ref.tick(next_tick)
+                if next_tick >= mon.next_due():
+                    got += mon.tick(next_tick)
+                next_tick += 1.0
+            action, x = rnd.random(), float(rnd.choice([1, 2]))
+            for m, out in ((mon, got), (ref, want)):
+                if action < 0.85:
+                    out += m.observe_reading(Reading(device, now, {"x": x, "y": 0.5}))
+                elif action < 0.95:
+                    out += m.observe_reject(Reject("nan", "x is nan", device), "port", now)
+                else:
+                    out += m.observe_reject(Reject("syntax", "bad line", None), "port", now)
+            cached = mon.next_due()
+            mon._due = None
+            assert cached <= mon.next_due()
+        now += rnd.choice([0.0, 2.0, 10.0, 40.0])
+    assert [e.payload for e in got] == [e.payload for e in want]
+    assert any(e.payload["kind"] == "silent" for e in want)
