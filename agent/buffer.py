@@ -64,8 +64,34 @@ class BufferConfig(BaseModel):
     )
 
 
+_KEY_PREFIX: dict[str, str] = {}  # channel name -> its JSON-encoded key and colon
+_MAX_KEYS = 1024  # channel names are few; beyond this (a stream of odd names) use the encoder
+
+
+def values_json(values: dict[str, float]) -> str:
+    """`values` as compact JSON: exactly the text `_to_json` writes, at ~2/3 of its cost.
+
+    It runs once per stored reading. A dict of finite floats under string keys (what the validator
+    lets through) is joined from cached keys and `float.__repr__`, which is what the json encoder
+    writes for a float; anything else (ints, NaN/inf, non-str keys) goes to the encoder itself.
+    """
+    try:
+        body = ",".join([_KEY_PREFIX[k] + float.__repr__(v) for k, v in values.items()])
+    except (KeyError, TypeError):
+        for k in values:
+            if type(k) is str and k not in _KEY_PREFIX and len(_KEY_PREFIX) < _MAX_KEYS:
+                _KEY_PREFIX[k] = _to_json(k) + ":"
+        try:
+            body = ",".join([_KEY_PREFIX[k] + float.__repr__(v) for k, v in values.items()])
+        except (KeyError, TypeError):
+            return _to_json(values)
+    if "nan" in body or "inf" in body:  # json writes NaN/Infinity (a key containing these: encoder)
+        return _to_json(values)
+    return "{" + body + "}"
+
+
 def _reading_row(r: Reading) -> tuple:
-    return (r.device, r.ts, r.seq, r.received, _to_json(r.values))
+    return (r.device, r.ts, r.seq, r.received, values_json(r.values))
 
 
 def _score_row(j: Judgement) -> tuple:

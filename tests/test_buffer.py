@@ -5,6 +5,8 @@ from __future__ import annotations
 import sqlite3
 from pathlib import Path
 
+import pytest
+
 from agent.buffer import Buffer, BufferConfig
 from agent.db import open_db
 from agent.types import Judgement, Reading, Score
@@ -152,3 +154,38 @@ def test_reopen_sees_flushed_data(tmp_path: Path) -> None:
     db2 = open_db(path)
     assert Buffer(db2).last_ts_by_device() == {"pump-01": T0}
     db2.conn.close()
+
+
+def test_values_json_is_exactly_what_the_json_encoder_writes() -> None:
+    import json
+    import math
+    import random
+
+    import numpy as np
+
+    from agent.buffer import values_json
+
+    ref = json.JSONEncoder(separators=(",", ":")).encode
+    cases: list[dict] = [
+        {},
+        {"temperature": 40.0, "vibration": 2.5, "pressure": 3.0},
+        {"a": 1},
+        {"a": True},
+        {"a": None},
+        {"a": math.nan},
+        {"a": math.inf, "b": -math.inf},
+        {"ü": 1.5, 'q"x\\': 2.0, "tab\t": 0.1},
+        {1: 2.0},
+        {"a": np.float64(0.1)},
+        {"a": -0.0, "b": 1e-300, "c": 1e300, "d": 5e-324, "e": 1e16, "f": 123456789.123},
+        {"infeed": 1.0, "nano": 2.0},
+    ]
+    rnd = random.Random(0)
+    cases += [
+        {"temperature": rnd.uniform(-50, 200), "vibration": rnd.random() * 10 ** rnd.randint(-30, 30)}
+        for _ in range(5000)
+    ]
+    for c in cases:
+        assert values_json(c) == ref(c), c
+    with pytest.raises(TypeError):
+        values_json({"a": np.float32(0.1)})  # as the encoder itself: not JSON serializable
