@@ -188,6 +188,44 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=handler)
 
 
+def _add_fleet(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "fleet", help="live table of the gateways publishing to a broker: devices, open alerts, outbox depth"
+    )
+    p.add_argument("--broker", default=None, metavar="HOST:PORT", help="MQTT broker (overrides --config)")
+    p.add_argument(
+        "--config", default=None, metavar="FILE", help="take broker, TLS, credentials and prefix from "
+        "this agent config's [uplink] section (never its client_id)",
+    )  # fmt: skip
+    p.add_argument("--prefix", default=None, help="topic prefix (default: the config's, else edgewatch)")
+    p.add_argument("--once", type=float, default=None, metavar="SECONDS",
+                   help="listen this long, print one snapshot and exit (default: redraw every second)")  # fmt: skip
+    p.add_argument("--json", action="store_true", help="print the state as JSON (one line per snapshot)")
+    p.add_argument(
+        "--stale-after", type=float, default=180.0, metavar="SECONDS",
+        help="an online gateway silent this long shows as stale (default 180 = 3 default heartbeats)",
+    )  # fmt: skip
+    p.add_argument(
+        "--client-id", default=None, help="fixed client id with a persistent session: the broker queues "
+        "alerts for it while it is away (default: a fresh id and a clean session)",
+    )  # fmt: skip
+    p.add_argument("--username", default=None, help="broker user name")
+    p.add_argument(
+        "--password-env", default=None, metavar="VAR", help="environment variable with the password"
+    )
+    p.add_argument("--tls", action="store_true", help="TLS (server certificate always verified; port 8883)")
+    p.add_argument("--ca-file", default=None, metavar="PEM", help="CA that signed the broker's certificate")
+    p.add_argument("--cert-file", default=None, metavar="PEM", help="client certificate (mutual TLS)")
+    p.add_argument("--key-file", default=None, metavar="PEM", help="client private key (mutual TLS)")
+
+    def handler(args: argparse.Namespace) -> int | None:
+        from agent.fleet import run_fleet_cli
+
+        return run_fleet_cli(args)
+
+    p.set_defaults(handler=handler)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="edgewatch", description="Predictive-maintenance agent for edge gateways."
@@ -196,7 +234,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser.add_argument("--version", action="version", version=f"edgewatch {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_add_run, _add_config, _add_sim, _add_replay, _add_export, _add_train, _add_eval, _add_bench):
+    for add in (
+        _add_run,
+        _add_config,
+        _add_sim,
+        _add_replay,
+        _add_export,
+        _add_train,
+        _add_eval,
+        _add_bench,
+        _add_fleet,
+    ):
         add(sub)
     return parser
 
