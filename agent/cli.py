@@ -179,6 +179,13 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
         metavar="DIR",
         help="SKAB data directory (row skipped if absent)",
     )
+    p.add_argument(
+        "--only",
+        default=None,
+        metavar="SECTIONS",
+        help="run only these comma-separated sections (model, replay, skab, install, ingest, steady, "
+        "latency) and print their rows; not with --out",
+    )
 
     def handler(args: argparse.Namespace) -> int | None:
         from agent.bench import run_bench_cli

@@ -165,3 +165,26 @@ def test_replay_skipping_idle_ticks_changes_no_event(tmp_path: Path) -> None:
     assert [(j.score.end_ts, j.score.error) for j in skipped.judgements] == [
         (j.score.end_ts, j.score.error) for j in every.judgements
     ]
+
+
+@pytest.mark.timeout(60)
+def test_bench_only_runs_the_named_sections(tmp_path: Path) -> None:
+    js = tmp_path / "bench.json"
+    proc = subprocess.run(
+        [EDGEWATCH, "bench", "--only", "install", "--json", str(js)],
+        capture_output=True,
+        text=True,
+        timeout=50,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rep = json.loads(js.read_text())
+    assert {r["section"] for r in rep["rows"]} == {"install"} and not rep["skipped"]
+    bad = subprocess.run([EDGEWATCH, "bench", "--only", "install,nope"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "nope" in bad.stderr
+    # --out would replace the whole report with a few rows: refused.
+    out = subprocess.run(
+        [EDGEWATCH, "bench", "--only", "install", "--out", str(tmp_path / "b.md")],
+        capture_output=True,
+        text=True,
+    )
+    assert out.returncode == 2 and not (tmp_path / "b.md").exists()
