@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import select
 import socket
 import threading
 import time
@@ -27,6 +28,13 @@ from agent.types import RawMessage
 log = logging.getLogger(__name__)
 
 Sink = Callable[[RawMessage], None]
+
+# Most PUBLISH packets the MQTT source reads per wake-up before it writes their PUBACKs and looks at the
+# socket again (bounds the PUBACK delay under a flood; one wake-up per message otherwise).
+READ_BATCH = 256
+# Longest sleep of the MQTT source's thread: paces paho's keepalive bookkeeping; traffic and stop() wake
+# it at once.
+IDLE_WAIT_S = 1.0
 
 
 @runtime_checkable
@@ -206,7 +214,15 @@ class SerialSource:
 
 
 class MqttSource:
-    """Subscribes to `<prefix>/+/telemetry` with a persistent session; resubscribes on every connect."""
+    """Subscribes to `<prefix>/+/telemetry` with a persistent session; resubscribes on every connect.
+
+    The source runs paho's network loop in its own thread rather than `loop_start()`, for the cost per
+    message: paho's threaded loop reads one packet per select() and, for every PUBACK it queues, writes
+    a byte to its wake-up socketpair and goes round select() again (two extra syscalls and a wake-up per
+    reading). Here one wake-up reads every packet already waiting (up to READ_BATCH), then writes their
+    PUBACKs together (corked into one TCP segment when there are several). A PUBACK still goes out only
+    after its message was handed to the sink, as before; reconnects keep the same client and session.
+    """
 
     def __init__(self, config: MqttSourceConfig) -> None:
         self.config = config
@@ -217,6 +233,11 @@ class MqttSource:
         self._client: mqtt.Client | None = None
         self._subscribed = threading.Event()
         self._lost_logged = False
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._wake_r: socket.socket | None = None
+        self._wake_w: socket.socket | None = None
+        self._up = False  # the current connection got its CONNACK (resets the backoff when it ends)
 
     @property
     def subscribed(self) -> threading.Event:
@@ -247,7 +268,7 @@ class MqttSource:
 
         def on_disconnect(c: mqtt.Client, userdata: object, flags, rc, props) -> None:
             self._subscribed.clear()
-            if not self._lost_logged:
+            if not self._lost_logged and not self._stop.is_set():
                 self._lost_logged = True
                 log.warning("MQTT source %s disconnected (%s); reconnecting with backoff", self.name, rc)
 
@@ -255,22 +276,145 @@ class MqttSource:
             self.messages += 1
             try:
                 sink(RawMessage(bytes(msg.payload), "mqtt", msg.topic, time.time()))
-            except Exception:  # paho would stop its network thread on an exception from a callback
+            except Exception:  # an exception from a callback would end the network loop
                 log.exception("MQTT source %s: error handling a message on %s", self.name, msg.topic)
 
         client.on_connect = on_connect
         client.on_subscribe = on_subscribe
         client.on_disconnect = on_disconnect
         client.on_message = on_message
+        # With this callback set (and no loop_start), paho queues outgoing packets (PUBACK, SUBSCRIBE,
+        # PINGREQ) instead of writing each at once; _serve writes them after each batch of reads.
+        client.on_socket_register_write = _ignore_socket_callback
         self._client = client
-        client.loop_start()
+        self._stop.clear()
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+        self._thread = threading.Thread(
+            target=self._network, args=(client,), name=f"source-{self.name}", daemon=True
+        )
+        self._thread.start()
 
     def stop(self) -> None:
         client, self._client = self._client, None
         if client is None:
             return
-        client.disconnect()
-        client.loop_stop()
+        self._stop.set()
+        w = self._wake_w
+        if w is not None:
+            with contextlib.suppress(OSError):
+                w.send(b"\0")
+        thread, self._thread = self._thread, None
+        if thread is not None:
+            thread.join(timeout=10.0)  # a connect in progress is bounded by paho's connect timeout
+            if thread.is_alive():
+                log.warning("MQTT source %s: network thread did not stop within 10 s", self.name)
+                return  # it may still select() on the wake-up pair: leave it open
+        for sock in (self._wake_w, self._wake_r):
+            if sock is not None:
+                sock.close()
+        self._wake_r = self._wake_w = None
+
+    # -- the network thread ---------------------------------------------------------------------
+    def _network(self, client: mqtt.Client) -> None:
+        """Connect, serve until the connection drops, reconnect with backoff (doubling from
+        reconnect_min_s up to reconnect_max_s, back to the minimum after a connection that came up)."""
+        conn = self.config.mqtt
+        delay = conn.reconnect_min_s
+        failing = False
+        while not self._stop.is_set():
+            try:
+                client.reconnect()  # make_client's connect_async stored the address; keeps the session
+            except (OSError, ValueError) as exc:
+                if not failing:
+                    failing = True
+                    log.warning(
+                        "MQTT source %s: cannot connect to %s:%d (%s); retrying with backoff",
+                        self.name,
+                        conn.host,
+                        conn.effective_port,
+                        exc,
+                    )
+                self._stop.wait(delay)
+                delay = min(delay * 2, conn.reconnect_max_s)
+                continue
+            self._up = False
+            try:
+                self._serve(client)
+            except Exception:  # a bug must not end ingest for good: drop the connection, reconnect
+                log.exception("MQTT source %s: network loop error; reconnecting", self.name)
+            sock = client.socket()
+            if sock is not None:
+                with contextlib.suppress(OSError):
+                    sock.close()
+            if self._stop.is_set():
+                break
+            if self._up:
+                delay, failing = conn.reconnect_min_s, False
+            self._stop.wait(delay)
+            delay = min(delay * 2, conn.reconnect_max_s)
+
+    def _serve(self, client: mqtt.Client) -> None:
+        """One connection: wait for traffic or stop(); read what is waiting, then write what is queued."""
+        wake = self._wake_r
+        while True:
+            sock = client.socket()
+            if sock is None:
+                return
+            if self._stop.is_set():
+                client.disconnect()
+                client.loop_write()  # sends DISCONNECT; paho closes the socket after it
+                return
+            # An SSL socket may hold decrypted bytes select() cannot see: then do not wait.
+            pending = sock.pending() if hasattr(sock, "pending") else 0
+            readable = bool(pending)
+            if not pending:
+                wlist = [sock] if client.want_write() else []
+                try:
+                    ready = select.select(
+                        [sock, wake] if wake is not None else [sock], wlist, [], IDLE_WAIT_S
+                    )
+                except (OSError, ValueError, TypeError):
+                    return  # socket closed under us: reconnect
+                readable = sock in ready[0]
+                if wake is not None and wake in ready[0]:
+                    with contextlib.suppress(OSError):  # BlockingIOError once drained
+                        while wake.recv(4096):
+                            pass
+            read = 0
+            if readable:
+                for _ in range(READ_BATCH):
+                    before = self.messages
+                    if client.loop_read() != mqtt.MQTT_ERR_SUCCESS or client.socket() is None:
+                        return
+                    if self.messages == before:  # nothing more waiting (or a non-PUBLISH packet)
+                        break
+                    read += 1
+            if client.want_write() and not self._write(client, sock, cork=read > 1):
+                return
+            if client.loop_misc() != mqtt.MQTT_ERR_SUCCESS:  # keepalive: PINGREQ, or the link is dead
+                return
+            if client.is_connected():
+                self._up = True
+
+    @staticmethod
+    def _write(client: mqtt.Client, sock: socket.socket, *, cork: bool) -> bool:
+        """Write every queued packet; several PUBACKs leave in one TCP segment (Linux TCP_CORK)."""
+        cork = cork and hasattr(socket, "TCP_CORK")
+        if cork:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_CORK, 1)
+        try:
+            return client.loop_write() == mqtt.MQTT_ERR_SUCCESS and client.socket() is not None
+        finally:
+            if cork:
+                with contextlib.suppress(OSError):
+                    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_CORK, 0)
+
+
+def _ignore_socket_callback(client: mqtt.Client, userdata: object, sock: object) -> None:
+    """paho's register-write hook: the source's own loop writes after each batch of reads instead."""
 
 
 def make_source(config: SerialSourceConfig | MqttSourceConfig) -> Source:
