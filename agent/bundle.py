@@ -12,6 +12,7 @@ Torch-free and onnx-package-free on purpose: a gateway has only onnxruntime.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import math
 import os
@@ -126,6 +127,31 @@ class Parity(BaseModel):
     )
 
 
+class InputStats(BaseModel):
+    """Each channel's training distribution, as quantiles, so the agent can tell when inputs drift."""
+
+    model_config = ConfigDict(extra="forbid")
+    levels: list[float] = Field(
+        description="percent levels of the quantiles, increasing from 0 to 100 (e.g. 0, 5, 10, ..., 100)",
+        min_length=3,
+    )
+    quantiles: list[list[float]] = Field(
+        description="per channel (channel order) the training value at each level, physical units"
+    )
+
+    @model_validator(mode="after")
+    def _shape(self) -> InputStats:
+        lv = self.levels
+        if lv[0] != 0 or lv[-1] != 100 or any(b <= a for a, b in itertools.pairwise(lv)):
+            raise ValueError(f"input_stats.levels must rise from 0 to 100, got {lv}")
+        for i, q in enumerate(self.quantiles):
+            if len(q) != len(lv):
+                raise ValueError(f"input_stats.quantiles[{i}] has {len(q)} values for {len(lv)} levels")
+            if not all(math.isfinite(v) for v in q) or any(b < a for a, b in itertools.pairwise(q)):
+                raise ValueError(f"input_stats.quantiles[{i}] must be finite and non-decreasing")
+        return self
+
+
 class LatentScore(BaseModel):
     """Window score = Hotelling T2 of the encoder's code instead of the reconstruction error.
 
@@ -171,6 +197,9 @@ class Manifest(BaseModel):
     training_data: TrainingData = Field(default_factory=TrainingData, description="data fingerprint")
     training: dict[str, Any] = Field(default_factory=dict, description="training metrics")
     parity: Parity | None = Field(default=None, description="int8 vs fp32 parity figures")
+    input_stats: InputStats | None = Field(
+        default=None, description="training distribution per channel, for drift checks (None: unknown)"
+    )
     score: LatentScore | None = Field(
         default=None,
         description="window score when it is not the reconstruction error (None: reconstruction)",
@@ -200,6 +229,10 @@ class Manifest(BaseModel):
         ):
             if len(vec) != n:
                 raise ValueError(f"{what} has {len(vec)} entries but there are {n} channels {names}")
+        if self.input_stats is not None and len(self.input_stats.quantiles) != n:
+            raise ValueError(
+                f"input_stats.quantiles has {len(self.input_stats.quantiles)} channels but there are {n} {names}"
+            )
         return self
 
 

@@ -21,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from agent.alert import AlertConfig
 from agent.buffer import BufferConfig
+from agent.drift import DriftConfig
 from agent.health import HealthConfig
 from agent.mqtt_client import MqttConnectionConfig
 from agent.source import MqttSourceConfig, SerialSourceConfig, SourceConfig
@@ -129,6 +130,10 @@ class AgentConfig(BaseModel):
     metrics: MetricsConfig = Field(default_factory=MetricsConfig, description="[metrics]: Prometheus.")
     scheduler: SchedulerConfig = Field(
         default_factory=SchedulerConfig, description="[scheduler]: periodic jobs."
+    )
+    drift: DriftConfig = Field(
+        default_factory=DriftConfig,
+        description="[drift]: each device against its own reference period (docs/drift.md).",
     )
 
     @model_validator(mode="after")

@@ -52,3 +52,16 @@ BUFFER_DROPPED = Counter(
     registry=REGISTRY,
 )
 DB_ERRORS = Counter("edgewatch_db_errors", "SQLite errors, by kind", ["kind"], registry=REGISTRY)
+DRIFT_SHIFT = Gauge(
+    "edgewatch_drift_shift_iqr",
+    "Recent median of a channel minus its reference median, in reference IQRs (docs/drift.md); "
+    "NaN while learning or short of data",
+    ["device", "channel"],
+    registry=REGISTRY,
+)
+DRIFT_SCORE_RATIO = Gauge(
+    "edgewatch_drift_score_ratio",
+    "Recent median window score over the reference median (docs/drift.md); NaN while learning",
+    ["device"],
+    registry=REGISTRY,
+)

@@ -25,6 +25,7 @@ from agent import __version__, metrics
 from agent.bundle import BundleError, load_bundle
 from agent.config import AgentConfig, ConfigError, load_config
 from agent.db import open_db
+from agent.drift import DriftMonitor
 from agent.notify import Notifier
 from agent.pipeline import StageSettings, build_pipeline, channel_norm, model_stages, prime_windower
 from agent.source import Source, make_source
@@ -77,6 +78,7 @@ class Agent:
         self.settings = StageSettings.from_config(config)
         self.pipeline = build_pipeline(self.settings, self.bundle, self.db, self.emit)
         self.sources = sources if sources is not None else [make_source(s) for s in config.sources]
+        self.drift = self._drift_monitor()
         self.scheduler = BackgroundScheduler(daemon=True)
         if self.uplink is not None:
             self.resend_last_alerts()
@@ -103,6 +105,34 @@ class Agent:
         return sent
 
     # -- model --------------------------------------------------------------------------------
+    def _drift_monitor(self) -> DriftMonitor | None:
+        """The drift check for the current bundle; None (with a warning) when it cannot run.
+
+        A bundle made before bundles carried their training distribution still scores: drift is
+        advice about the model, not a reason to stop watching the machine."""
+        if not self.config.drift.enabled:
+            return None
+        try:
+            return DriftMonitor(
+                self.config.drift, self.bundle.manifest, self.bundle.model_id, self.config.gateway.id
+            )
+        except ValueError as exc:
+            log.warning("drift check off for model %s: %s", self.bundle.model_id, exc)
+            return None
+
+    def check_drift(self, now: float | None = None) -> int:
+        """Scheduler job (runs in the main loop): compare recent inputs and scores with training.
+
+        `now` (default: the gateway clock) ends the compared period. Returns the number of drift
+        messages sent (one per device with readings in the period)."""
+        if self.drift is None:
+            return 0
+        self.pipeline.buffer.flush()  # judge what has arrived, not what was on disk a batch ago
+        events = self.drift.events(self.db, time.time() if now is None else now)
+        for event in events:
+            self.emit(event)
+        return len(events)
+
     def check_model(self) -> None:
         """Scheduler job (runs in the main loop): swap in a new bundle after it verifies."""
         path = Path(self.config.model.path)
@@ -124,6 +154,7 @@ class Agent:
         log.info("model swapped: %s -> %s", self.bundle.model_id, bundle.model_id)
         self.bundle = bundle
         self._bundle_seen = seen
+        self.drift = self._drift_monitor()
 
     # -- outputs ------------------------------------------------------------------------------
     def emit(self, event: Event) -> None:
@@ -170,6 +201,8 @@ class Agent:
         add(lambda: self.submit(self._log_progress), "interval", seconds=sc.status_interval_s)
         add(lambda: self.submit(self.pipeline.thresholder.save), "interval", seconds=sc.flush_interval_s)
         add(lambda: self.submit(self.check_model), "interval", seconds=self.config.model.watch_interval_s)
+        if self.config.drift.enabled:
+            add(lambda: self.submit(self.check_drift), "interval", seconds=self.config.drift.interval_s)
         if self.uplink is not None:
             add(lambda: self.submit(self.uplink.publish_status), "interval", seconds=sc.status_interval_s)
 

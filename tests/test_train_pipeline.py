@@ -51,6 +51,16 @@ def test_cli_writes_a_bundle_that_verifies(bundle_dir: Path, data: Path) -> None
     q = m.calibration.quantiles
     assert 0 < q["p50"] <= q["p99"] <= q["p99.9"]
     assert m.training["epochs_run"] >= 1 and m.training["best_val_loss"] < 1.0  # learnt something
+    # the training distribution for the drift check: quantiles of the training data, in its units
+    from agent.recording import read_recording
+
+    assert m.input_stats is not None and m.input_stats.levels[0] == 0 and m.input_stats.levels[-1] == 100
+    vals = np.concatenate([r.values for r in read_recording(data)])
+    for j, q in enumerate(m.input_stats.quantiles):
+        col = vals[:, j][np.isfinite(vals[:, j])]
+        assert col.min() - 1e-3 <= q[0] <= q[len(q) // 2] <= q[-1] <= col.max() + 1e-3
+        # the median of the windows used is near the median of the file (not 0: NaN was ignored)
+        assert abs(q[len(q) // 2] - np.median(col)) <= 0.25 * (col.max() - col.min())
     assert (
         "Held-out" in (bundle_dir / "report.md").read_text()
         or "parity" in (bundle_dir / "report.md").read_text()

@@ -24,6 +24,7 @@ from agent.bundle import (
     Calibration,
     ChannelSpec,
     DataFile,
+    InputStats,
     Manifest,
     Parity,
     Scaler,
@@ -211,6 +212,17 @@ def errors_with(sess: ort.InferenceSession, scaler: Scaler, x: np.ndarray) -> tu
     return np.concatenate(tot), np.concatenate(per)
 
 
+INPUT_LEVELS = [float(v) for v in range(0, 101, 5)]
+
+
+def input_stats(windows: np.ndarray) -> InputStats:
+    """Each channel's training distribution (quantiles every 5 %) from physical-unit windows
+    [n, window, channels], NaN ignored: what the agent's drift check compares recent inputs with."""
+    flat = windows.reshape(-1, windows.shape[-1]).astype(np.float64)
+    q = [np.nanpercentile(flat[:, j], INPUT_LEVELS).tolist() for j in range(flat.shape[1])]
+    return InputStats(levels=INPUT_LEVELS, quantiles=q)
+
+
 def calibrate(total: np.ndarray, per_channel: np.ndarray) -> Calibration:
     q = np.percentile(total, [QUANTILE_LEVELS[k] for k in QUANTILE_KEYS])
     q = np.maximum.accumulate(q)
@@ -298,6 +310,7 @@ def build_bundle(paths: list[str | Path], out: str | Path, cfg: PipelineConfig) 
         max_gap_s=prep.max_gap,
         scaler=scaler,
         calibration=calibration,
+        input_stats=input_stats(np.concatenate([prep.train_x, prep.val_x])),
         architecture={
             "type": "lstm_autoencoder",
             "hidden": cfg.model.hidden,
