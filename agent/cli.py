@@ -155,6 +155,12 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", nargs="+", default=None, help="devices to export (default: all)")
     p.add_argument("--since", default=None, help="from this time (ISO 8601 or epoch s)")
     p.add_argument("--until", default=None, help="up to this time (ISO 8601 or epoch s)")
+    p.add_argument(
+        "--labels",
+        action="store_true",
+        help="fill machine_state/fault from the analysts' labels: a training set for `edgewatch train` "
+        "(false positives count as normal, true positives as faults; docs/model.md)",
+    )
 
     def handler(args: argparse.Namespace) -> int | None:
         from agent.export import run_export_cli

@@ -21,13 +21,16 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from agent.alert import AlertConfig
 from agent.buffer import BufferConfig
+from agent.command import CommandConfig
 from agent.drift import DriftConfig
 from agent.health import HealthConfig
 from agent.mqtt_client import MqttConnectionConfig
+from agent.screen import ScreenConfig
 from agent.source import MqttSourceConfig, SerialSourceConfig, SourceConfig
 from agent.threshold import ThresholdConfig
 from agent.uplink import UplinkConfig
 from agent.validate import ValidationConfig
+from agent.webhook import WebhookConfig
 from agent.window import WindowConfig
 
 DB_FILE = "edgewatch.db"
@@ -75,6 +78,20 @@ class ModelConfig(BaseModel):
     threads: int = Field(1, ge=1, le=64, description="onnxruntime intra-op threads for scoring.")
     watch_interval_s: float = Field(
         10.0, gt=0, description="How often to check the bundle directory for a new model, in seconds."
+    )
+    shadow_windows: int = Field(
+        200,
+        ge=0,
+        description="A new bundle is first scored in shadow beside the current one for this many windows "
+        "(scores stored, verdicts compared, no alerts), then promoted; 0 swaps it in at once. After a "
+        "promotion the old model is kept for as many windows and an error of the new one rolls back.",
+    )
+    min_agreement: float = Field(
+        0.9,
+        ge=0.0,
+        le=1.0,
+        description="Promote the shadow only if its verdicts agree with the current model's on at least "
+        "this share of the windows both scored (0 = promote regardless); otherwise it is refused.",
     )
 
 
@@ -125,11 +142,22 @@ class AgentConfig(BaseModel):
         default_factory=ThresholdConfig, description="[threshold]: anomaly threshold per device."
     )
     alerts: AlertConfig = Field(default_factory=AlertConfig, description="[alerts]: alert lifecycle.")
+    screen: ScreenConfig = Field(
+        default_factory=ScreenConfig,
+        description="[screen]: cheap per-device screen choosing the windows the autoencoder scores.",
+    )
     health: HealthConfig = Field(default_factory=HealthConfig, description="[health]: sensor-health events.")
     uplink: UplinkConfig = Field(default_factory=UplinkConfig, description="[uplink]: upstream MQTT.")
+    webhook: WebhookConfig = Field(
+        default_factory=WebhookConfig,
+        description="[webhook]: alerts POSTed as JSON to an HTTP endpoint (docs/webhook.md).",
+    )
     metrics: MetricsConfig = Field(default_factory=MetricsConfig, description="[metrics]: Prometheus.")
     scheduler: SchedulerConfig = Field(
         default_factory=SchedulerConfig, description="[scheduler]: periodic jobs."
+    )
+    commands: CommandConfig = Field(
+        default_factory=CommandConfig, description="[commands]: the inbound command topic (labels, reload)."
     )
     drift: DriftConfig = Field(
         default_factory=DriftConfig,
@@ -153,6 +181,8 @@ class AgentConfig(BaseModel):
         ids = [s.client_id for s in self.sources if isinstance(s, MqttSourceConfig)]
         if self.uplink.enabled:
             ids.append(self.uplink.client_id or f"edgewatch-{self.gateway.id}")
+            if self.commands.enabled:
+                ids.append(self.commands.client_id or f"edgewatch-{self.gateway.id}-cmd")
         dup = [i for i, c in Counter(ids).items() if c > 1]
         if dup:
             raise ValueError(
@@ -162,6 +192,11 @@ class AgentConfig(BaseModel):
             raise ValueError(
                 f"threshold.min_history ({self.threshold.min_history}) cannot exceed "
                 f"threshold.history ({self.threshold.history})"
+            )
+        if self.screen.enabled and self.threshold.ewma_alpha < 1.0:
+            raise ValueError(
+                "screen.enabled cannot be combined with threshold.ewma_alpha < 1 (the smoothed score "
+                "would average over the scored windows only)"
             )
         return self
 
@@ -268,6 +303,8 @@ def warnings_for(config: AgentConfig) -> list[str]:
                 f"{where}.password: a literal password is in the file; prefer password_env or password_credential"
             )
         out += [f"{where}: {p}" for p in conn.check_secrets()]
+    if config.webhook.enabled:
+        out += [f"webhook: {p}" for p in config.webhook.check_secrets()]
     if not (config.model.path / "manifest.json").is_file():
         out.append(f"model.path: no manifest.json in {config.model.path}")
     return out

@@ -92,6 +92,47 @@ def m001_initial(db: sqlite_utils.Database) -> None:
     )
 
 
+@migration
+def m002_labels(db: sqlite_utils.Database) -> None:
+    """Analysts' verdicts on alerts (the feedback loop): one row per alert, the latest verdict wins.
+
+    The alert's device and span are copied in, so a label keeps its meaning after retention has
+    deleted the alert row."""
+    db.execute(
+        """CREATE TABLE labels (
+            alert_id TEXT PRIMARY KEY,
+            device TEXT NOT NULL,
+            label TEXT NOT NULL,
+            note TEXT,
+            author TEXT,
+            opened_ts REAL NOT NULL,
+            resolved_ts REAL,
+            model_id TEXT,
+            labelled REAL NOT NULL
+        )"""
+    )
+    db.execute("CREATE INDEX idx_labels_device ON labels(device, opened_ts)")
+
+
+@migration
+def m003_webhook_outbox(db: sqlite_utils.Database) -> None:
+    """The webhook sink's durable queue (agent/webhook.py): the same columns as `outbox`, so the same
+    Outbox class drains it; `topic` holds the event kind (alert, health, drift)."""
+    db.execute(
+        """CREATE TABLE webhook_outbox (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            msg_id TEXT NOT NULL UNIQUE,
+            device TEXT,
+            topic TEXT NOT NULL,
+            payload BLOB NOT NULL,
+            qos INTEGER NOT NULL DEFAULT 1,
+            retain INTEGER NOT NULL DEFAULT 0,
+            created REAL NOT NULL,
+            attempts INTEGER NOT NULL DEFAULT 0
+        )"""
+    )
+
+
 def open_db(path: str | Path, synchronous: str = "NORMAL") -> sqlite_utils.Database:
     """Open (creating if needed) and migrate the database.
 

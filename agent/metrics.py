@@ -65,3 +65,47 @@ DRIFT_SCORE_RATIO = Gauge(
     ["device"],
     registry=REGISTRY,
 )
+COMMANDS = Counter(
+    "edgewatch_commands",
+    "Commands received on <prefix>/<gateway>/cmd, by type and result (ok or the refusal reason)",
+    ["type", "result"],
+    registry=REGISTRY,
+)
+WEBHOOK_OUTBOX_DEPTH = Gauge(
+    "edgewatch_webhook_outbox_depth", "Messages waiting in the webhook outbox", registry=REGISTRY
+)
+WEBHOOK_DELIVERIES = Counter(
+    "edgewatch_webhook_deliveries",
+    "Webhook POST attempts, by result: delivered (2xx), retried (connection error, timeout, 408, 429, "
+    "5xx), failed (any other status: the message is dropped)",
+    ["result"],
+    registry=REGISTRY,
+)
+WEBHOOK_OUTBOX_DROPPED = Counter(
+    "edgewatch_webhook_outbox_dropped",
+    "Messages dropped from the webhook outbox, by reason (caps, expiry, payload bound, permanent error)",
+    ["reason"],
+    registry=REGISTRY,
+)
+SHADOW_WINDOWS = Gauge(
+    "edgewatch_shadow_windows", "Windows scored by the candidate model in shadow (0: none)", registry=REGISTRY
+)
+SHADOW_AGREEMENT = Gauge(
+    "edgewatch_shadow_agreement",
+    "Share of windows on which the shadow model's verdict agrees with the current model's (NaN: none yet)",
+    registry=REGISTRY,
+)
+MODEL_ROLLOUTS = Counter(
+    "edgewatch_model_rollouts",
+    "Model rollout outcomes: promoted, refused (disagreement), failed (error in shadow), rolled_back",
+    ["result"],
+    registry=REGISTRY,
+)
+SCREEN_WINDOWS = Counter(
+    "edgewatch_screen_windows",
+    "Windows the cheap screen decided on (docs/results.md, Cheap-screen ensemble), by decision: skipped "
+    "(not scored), or sent to the autoencoder as flagged, every_k, warmup or hold (anomaly or open "
+    "alert); screened = the sum, sent = the sum minus skipped",
+    ["decision"],
+    registry=REGISTRY,
+)

@@ -22,6 +22,7 @@ from agent.bundle import Bundle
 from agent.health import HealthConfig, HealthMonitor
 from agent.parse import parse
 from agent.score import Scorer
+from agent.screen import Screen, ScreenConfig, make_screen
 from agent.threshold import ThresholdConfig, Thresholder, make_thresholder
 from agent.types import Event, Judgement, RawMessage, Reading, Reject, Window
 from agent.validate import ValidationConfig, Validator
@@ -32,6 +33,10 @@ log = logging.getLogger(__name__)
 Emit = Callable[[Event], None]
 
 
+class ScoringError(RuntimeError):
+    """The model failed on windows it was given (the service rolls back a freshly promoted model)."""
+
+
 @dataclass
 class PipelineStats:
     """Counts since start, for the status message and tests; Prometheus has the long-term series."""
@@ -40,6 +45,7 @@ class PipelineStats:
     rejected: dict[str, int] = field(default_factory=dict)
     windows: int = 0
     anomalous_windows: int = 0
+    skipped_windows: int = 0  # windows the screen kept from the autoencoder
     events: dict[str, int] = field(default_factory=dict)
 
 
@@ -58,6 +64,7 @@ class Pipeline:
         health: HealthMonitor,
         emit: Emit,
         on_judgement: Callable[[Judgement], None] | None = None,
+        screen: Screen | None = None,
     ) -> None:
         self.validator = validator
         self.buffer = buffer
@@ -70,6 +77,8 @@ class Pipeline:
         self._on_judgement = on_judgement
         self.stats = PipelineStats()
         self._metric_children: dict[str, tuple[Any, Any]] = {}
+        self.shadow: Any = None  # agent.rollout.Shadow while a candidate model is scored beside
+        self.screen = screen  # agent.screen: None = every window is scored
 
     # -- inputs ---------------------------------------------------------------------------------
     def process_raw(self, msg: RawMessage) -> None:
@@ -95,18 +104,34 @@ class Pipeline:
         windows = self.windower.push(checked)
         if windows:
             self.score_windows(windows)
+        if self.shadow is not None:
+            self.shadow.push(checked)
 
     def score_windows(self, windows: list[Window]) -> list[Judgement]:
         """Score a batch of ready windows and run each verdict through threshold and alerts."""
+        screen = self.screen
+        if screen is not None:  # skipped windows get no Judgement at all (agent/screen.py says why)
+            send = screen.flag(windows, busy=lambda d: self.alerts.open_alert(d) is not None)
+            if not all(send):
+                self.stats.skipped_windows += len(windows) - sum(send)
+                windows = [w for w, s in zip(windows, send, strict=True) if s]
+                if not windows:
+                    return []
         t0 = time.perf_counter()
-        scores = self.scorer.score(windows)
+        try:
+            scores = self.scorer.score(windows)
+        except Exception as exc:  # told apart from other failures: a new model may be rolled back
+            raise ScoringError(f"model {self.scorer.model_id} failed to score: {exc}") from exc
         metrics.SCORE_LATENCY.observe(time.perf_counter() - t0)
         judgements: list[Judgement] = []
         for score in scores:
             judgement = self.thresholder.classify(score)
             # While an alert is open, scores just under the threshold are not "normal" either:
             # keep them out of the baseline so the fault cannot raise its own bar.
-            if self.alerts.open_alert(score.device) is None:
+            learn = self.alerts.open_alert(score.device) is None
+            if screen is not None:  # the screen also says which windows are the baseline's sample
+                learn = screen.observe(judgement, alert_open=not learn) and learn
+            if learn:
                 self.thresholder.learn_one(judgement)
             judgements.append(judgement)
             scored, last = self._device_metrics(score.device)
@@ -118,6 +143,8 @@ class Pipeline:
                 self._on_judgement(judgement)
             self._send(self.alerts.update(judgement))
         self.buffer.add_judgements(judgements)
+        if self.shadow is not None:
+            self.shadow.note_main(judgements)
         return judgements
 
     def tick(self, now: float) -> None:
@@ -134,6 +161,8 @@ class Pipeline:
         self.scorer = scorer
         self.windower = windower
         self.thresholder = thresholder
+        if self.screen is not None:  # another grid and feature scale: warm up again
+            self.screen = Screen(self.screen.config, scorer.period, scorer.stride, self.screen.hold)
 
     # -- helpers --------------------------------------------------------------------------------
     def _device_metrics(self, device: str) -> tuple[Any, Any]:
@@ -168,6 +197,7 @@ class StageSettings:
     threshold: ThresholdConfig = field(default_factory=ThresholdConfig)
     alerts: AlertConfig = field(default_factory=AlertConfig)
     health: HealthConfig = field(default_factory=HealthConfig)
+    screen: ScreenConfig = field(default_factory=ScreenConfig)
     threads: int = 1
 
     @classmethod
@@ -181,6 +211,7 @@ class StageSettings:
             threshold=config.threshold,
             alerts=config.alerts,
             health=config.health,
+            screen=config.screen,
             threads=config.model.threads,
         )
 
@@ -240,4 +271,11 @@ def build_pipeline(
         health=HealthMonitor(settings.health, settings.gateway_id),
         emit=emit,
         on_judgement=on_judgement,
+        screen=make_screen(
+            settings.screen,
+            scorer.period,
+            scorer.stride,
+            settings.alerts.open_n,
+            settings.threshold.ewma_alpha,
+        ),
     )

@@ -237,16 +237,25 @@ def iter_readings(recordings: Sequence[Recording]) -> Iterator[Reading]:
         yield Reading(rec.device, ts, {c: float(row[j]) for j, c in enumerate(rec.channels)})
 
 
-def write_recording(path: str | Path, rows: Sequence[Reading], channels: Sequence[str]) -> int:
-    """Write readings in the simulator/export CSV format (labels empty); returns rows written."""
+def write_recording(
+    path: str | Path,
+    rows: Sequence[Reading],
+    channels: Sequence[str],
+    labels: Sequence[tuple[str, str, str]] | None = None,
+) -> int:
+    """Write readings in the simulator/export CSV format; returns rows written. `labels` gives each
+    row's (machine_state, fault, sensor_fault); without it the label columns are empty."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    if labels is not None and len(labels) != len(rows):
+        raise ValueError(f"{len(labels)} labels for {len(rows)} rows")
     header = ["ts", "device", *channels, *LABEL_COLUMNS]
+    blank = ("", "", "")
     with path.open("w", newline="") as fh:
         w = csv.writer(fh, lineterminator="\n")
         w.writerow(header)
-        for r in rows:
+        for i, r in enumerate(rows):
             stamp = datetime.fromtimestamp(r.ts, UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
             vals = ["nan" if v != v else repr(v) for v in (r.values.get(c, float("nan")) for c in channels)]
-            w.writerow([stamp, r.device, *vals, "", "", ""])
+            w.writerow([stamp, r.device, *vals, *(labels[i] if labels is not None else blank)])
     return len(rows)

@@ -22,15 +22,32 @@ from typing import Any
 from apscheduler.schedulers.background import BackgroundScheduler
 
 from agent import __version__, metrics
-from agent.bundle import BundleError, load_bundle
+from agent.bundle import Bundle, BundleError, load_bundle
+from agent.command import (
+    CommandError,
+    DriftResetCommand,
+    LabelCommand,
+    ReloadCommand,
+    parse_command,
+    store_label,
+)
 from agent.config import AgentConfig, ConfigError, load_config
 from agent.db import open_db
 from agent.drift import DriftMonitor
 from agent.notify import Notifier
-from agent.pipeline import StageSettings, build_pipeline, channel_norm, model_stages, prime_windower
-from agent.source import Source, make_source
+from agent.pipeline import (
+    ScoringError,
+    StageSettings,
+    build_pipeline,
+    channel_norm,
+    model_stages,
+    prime_windower,
+)
+from agent.rollout import ModelStore, Shadow
+from agent.source import MqttSource, MqttSourceConfig, Source, make_source
 from agent.types import Event, RawMessage
-from agent.uplink import ConsoleSink, Outbox, Uplink
+from agent.uplink import ConsoleSink, Outbox, Uplink, topic_level
+from agent.webhook import WebhookSink
 
 log = logging.getLogger("edgewatch")
 
@@ -63,8 +80,26 @@ class Agent:
         self.db = open_db(self.db_path, synchronous=config.buffer.synchronous)
 
         # The agent refuses to start without a valid model: scoring garbage is worse than not running.
-        self.bundle = load_bundle(config.model.path)
+        in_dir = load_bundle(config.model.path)
         self._bundle_seen = bundle_fingerprint(Path(config.model.path))
+        # After a restart during a rollout, resume with the model that was in use (its copy in the
+        # state directory) and score the directory's bundle in shadow again.
+        self.models = ModelStore(state_dir / "models")
+        active = self.models.active() if config.model.shadow_windows > 0 else None
+        candidate = None
+        if active is not None and active.model_id != in_dir.model_id:
+            self.bundle, candidate = active, in_dir
+            log.info(
+                "resuming with model %s; %s in %s is scored in shadow first",
+                active.model_id,
+                in_dir.model_id,
+                config.model.path,
+            )
+        else:
+            self.bundle = in_dir
+            self._keep(in_dir)
+        self._rollout: dict[str, Any] | None = None  # the last rollout's outcome, for the status message
+        self._probation: tuple[Bundle, int] | None = None  # (previous bundle, windows at promotion)
 
         # Both connections get the configured durability: the outbox holds what still has to go upstream.
         self.outbox = Outbox(self.db_path, config.uplink, synchronous=config.buffer.synchronous)
@@ -74,11 +109,20 @@ class Agent:
             else None
         )
         self.console = ConsoleSink() if config.uplink.console else None
+        # Its own table in the same database file, with the same durability as the MQTT outbox.
+        self.webhook: WebhookSink | None = (
+            WebhookSink(config.webhook, self.db_path, synchronous=config.buffer.synchronous)
+            if config.webhook.enabled
+            else None
+        )
 
         self.settings = StageSettings.from_config(config)
         self.pipeline = build_pipeline(self.settings, self.bundle, self.db, self.emit)
         self.sources = sources if sources is not None else [make_source(s) for s in config.sources]
         self.drift = self._drift_monitor()
+        self.commands = self._command_listener()
+        if candidate is not None:
+            self._start_shadow(candidate, model_stages(self.settings, candidate, self.db))
         self.scheduler = BackgroundScheduler(daemon=True)
         if self.uplink is not None:
             self.resend_last_alerts()
@@ -133,11 +177,13 @@ class Agent:
             self.emit(event)
         return len(events)
 
-    def check_model(self) -> None:
-        """Scheduler job (runs in the main loop): swap in a new bundle after it verifies."""
+    def check_model(self, force: bool = False) -> None:
+        """Scheduler job (runs in the main loop): swap in a new bundle after it verifies.
+
+        `force` (the reload command) reads the directory even when the manifest looks unchanged."""
         path = Path(self.config.model.path)
         seen = bundle_fingerprint(path)
-        if seen is None or seen == self._bundle_seen:
+        if seen is None or (seen == self._bundle_seen and not force):
             return
         try:
             bundle = load_bundle(path)
@@ -146,21 +192,166 @@ class Agent:
             log.error("new model bundle in %s refused, keeping %s: %s", path, self.bundle.model_id, exc)
             self._bundle_seen = seen  # do not retry the same broken files every interval
             return
+        if bundle.model_id == self.bundle.model_id:
+            self._bundle_seen = seen
+            return  # the same bundle (e.g. files touched, or a reload without a change)
+        try:
+            bundle = self.models.snapshot(bundle)  # the files as verified, for restarts and rollbacks
+        except (BundleError, OSError) as exc:
+            log.warning("new model bundle in %s not taken yet: %s", path, exc)
+            return  # not marked seen: the next interval tries again
+        self._bundle_seen = seen
+        if self.config.model.shadow_windows == 0:
+            self.pipeline.buffer.flush()
+            prime_windower(stages[1], self.pipeline.buffer)
+            self._promote(bundle, stages)
+            return
+        self._start_shadow(bundle, stages)
+
+    def _keep(self, bundle: Bundle) -> None:
+        """Record the bundle in use in the state directory (a copy; a full disk only costs the copy)."""
+        try:
+            self.models.activate(self.models.snapshot(bundle))
+        except (BundleError, OSError) as exc:
+            log.warning("could not keep a copy of model %s in the state directory: %s", bundle.model_id, exc)
+
+    def _start_shadow(self, bundle: Bundle, stages: tuple[Any, Any, Any]) -> None:
+        n = self.config.model.shadow_windows
+        self.pipeline.buffer.flush()
+        prime_windower(stages[1], self.pipeline.buffer)
+        if self.pipeline.shadow is not None:
+            log.info("shadow model %s replaced by %s", self.pipeline.shadow.model_id, bundle.model_id)
+        self.pipeline.shadow = Shadow(bundle, stages, n, self.pipeline.buffer)
+        log.info(
+            "model %s verified: scoring in shadow beside %s for %d windows",
+            bundle.model_id,
+            self.bundle.model_id,
+            n,
+        )
+
+    def _promote(self, bundle: Bundle, stages: tuple[Any, Any, Any]) -> None:
+        """Make `bundle` the scoring model; the previous one is kept for a probation period."""
         self.pipeline.buffer.flush()
         self.pipeline.thresholder.save()
-        prime_windower(stages[1], self.pipeline.buffer)
+        previous = self.bundle
         self.pipeline.swap_scorer(*stages)
         self.pipeline.alerts.channel_norm = channel_norm(bundle) or {}
-        log.info("model swapped: %s -> %s", self.bundle.model_id, bundle.model_id)
+        log.info("model swapped: %s -> %s", previous.model_id, bundle.model_id)
         self.bundle = bundle
-        self._bundle_seen = seen
         self.drift = self._drift_monitor()
+        self._keep(bundle)
+        if self.config.model.shadow_windows > 0:
+            self._probation = (previous, self.pipeline.stats.windows)
+
+    def _rollout_step(self) -> None:
+        """After each input: decide a shadow that is done; end a probation that went well."""
+        shadow = self.pipeline.shadow
+        if shadow is not None and shadow.done:
+            self.pipeline.shadow = None
+            self._rollout = report = shadow.report()
+            agreement, floor = shadow.agreement, self.config.model.min_agreement
+            if shadow.error is not None:
+                report["result"] = "failed"
+            elif agreement == agreement and agreement < floor:  # NaN (nothing compared) does not refuse
+                report["result"] = "refused"
+                log.error(
+                    "shadow model %s not promoted: it agreed with %s on %.1f %% of %d windows (< %.1f %%); "
+                    'lower [model] min_agreement and send {"type": "reload"} to try it again',
+                    shadow.model_id,
+                    self.bundle.model_id,
+                    100 * agreement,
+                    shadow.compared,
+                    100 * floor,
+                )
+            else:
+                report["result"] = "promoted"
+                log.info(
+                    "shadow model %s promoted after %d windows: %s", shadow.model_id, shadow.windows, report
+                )
+                self._promote(shadow.bundle, (shadow.scorer, shadow.windower, shadow.thresholder))
+            metrics.MODEL_ROLLOUTS.labels(report["result"]).inc()
+            metrics.SHADOW_WINDOWS.set(0)
+        if self._probation is not None:
+            _, at = self._probation
+            if self.pipeline.stats.windows - at >= self.config.model.shadow_windows:
+                self._probation = None
+                log.info(
+                    "model %s confirmed: no error in its first %d windows",
+                    self.bundle.model_id,
+                    self.config.model.shadow_windows,
+                )
+
+    def _rollback(self, why: str) -> None:
+        """A freshly promoted model failed: score with the previous one again."""
+        previous, _ = self._probation  # type: ignore[misc]
+        self._probation = None
+        failed = self.bundle.model_id
+        stages = model_stages(self.settings, previous, self.db)
+        self.pipeline.buffer.flush()
+        prime_windower(stages[1], self.pipeline.buffer)
+        self.pipeline.swap_scorer(*stages)
+        self.pipeline.alerts.channel_norm = channel_norm(previous) or {}
+        self.bundle = previous
+        self.drift = self._drift_monitor()
+        self._keep(previous)
+        self._rollout = {"shadow_model_id": failed, "result": "rolled_back", "error": why[:300]}
+        metrics.MODEL_ROLLOUTS.labels("rolled_back").inc()
+        log.error(
+            "model %s failed after its promotion, rolled back to %s: %s", failed, previous.model_id, why
+        )
+
+    # -- commands -----------------------------------------------------------------------------
+    def _command_listener(self) -> MqttSource | None:
+        """A subscriber to <prefix>/<gateway>/cmd on the upstream broker, with its own persistent
+        session so commands sent while the gateway was offline arrive when it is back."""
+        cfg = self.config
+        if not (cfg.uplink.enabled and cfg.commands.enabled):
+            return None
+        sub = MqttSourceConfig(
+            type="mqtt",
+            name="commands",
+            mqtt=cfg.uplink.mqtt,
+            client_id=cfg.commands.client_id or f"edgewatch-{cfg.gateway.id}-cmd",
+        )
+        topic = f"{cfg.uplink.topic_prefix.rstrip('/')}/{topic_level(cfg.gateway.id)}/cmd"
+        return MqttSource(sub, topic=topic)
+
+    def _command_sink(self, msg: RawMessage) -> None:
+        # Commands run in the main loop, like every other change to pipeline state.
+        self.queue.put(lambda: self.handle_command(msg.payload, msg.origin))
+
+    def handle_command(self, payload: bytes, origin: str = "cmd") -> str:
+        """Validate and carry out one command; returns the result ('ok' or a refusal reason).
+
+        A refused command is counted by reason and logged (at most 200 characters of detail, never
+        the payload itself), and changes nothing."""
+        kind = "unknown"
+        try:
+            cmd = parse_command(payload, self.config.commands.max_bytes)
+            kind = cmd.type
+            if isinstance(cmd, LabelCommand):
+                rec = store_label(self.db, cmd)
+                log.info("label %s on alert %s of %s (%s)", cmd.label, cmd.alert_id, rec["device"], origin)
+            elif isinstance(cmd, ReloadCommand):
+                log.info("reload requested (%s)", origin)
+                self.check_model(force=True)
+            elif isinstance(cmd, DriftResetCommand):
+                n = self.drift.forget_reference(self.db, time.time(), cmd.device) if self.drift else 0
+                log.info("drift reference reset for %s: %d device(s)", cmd.device or "every device", n)
+        except CommandError as exc:
+            metrics.COMMANDS.labels(kind, exc.reason).inc()
+            log.warning("command on %s refused: %s: %s", origin, exc.reason, exc.detail[:200])
+            return exc.reason
+        metrics.COMMANDS.labels(kind, "ok").inc()
+        return "ok"
 
     # -- outputs ------------------------------------------------------------------------------
     def emit(self, event: Event) -> None:
         if self.console is not None:
             self.console(event)
         self.emit_upstream(event)
+        if self.webhook is not None:
+            self.webhook.enqueue(event)  # kinds not in [webhook] kinds are skipped there
 
     def emit_upstream(self, event: Event) -> bool:
         """Into the outbox (False: uplink disabled, or the outbox dropped or could not store it)."""
@@ -174,6 +365,7 @@ class Agent:
             "uptime_s": round(time.time() - self.started, 1),
             "outbox": {"depth": self.outbox.depth(), "dropped": self.outbox.dropped()},
             "devices": self.pipeline.windower.devices(),
+            "rollout": self.pipeline.shadow.report() if self.pipeline.shadow is not None else self._rollout,
         }
 
     # -- loop ---------------------------------------------------------------------------------
@@ -240,6 +432,10 @@ class Agent:
             )
         if self.uplink is not None:
             self.uplink.start()
+        if self.webhook is not None:
+            self.webhook.start()
+        if self.commands is not None:
+            self.commands.start(self._command_sink)
         for source in self.sources:
             source.start(self._sink)
         self._schedule()
@@ -271,14 +467,22 @@ class Agent:
                 self.pipeline.process_raw(item)
             else:
                 item()
+        except ScoringError as exc:
+            if self._probation is not None:
+                self._rollback(str(exc))
+            else:
+                log.exception("error while scoring")
+                metrics.DB_ERRORS.labels("pipeline").inc()
         except Exception:  # one bad input or job must not take the gateway down
             log.exception("error while processing %s", type(item).__name__)
             metrics.DB_ERRORS.labels("pipeline").inc()
+        if self.pipeline.shadow is not None or self._probation is not None:
+            self._rollout_step()
 
     def shutdown(self) -> None:
         """Stop sources first, finish what is queued, persist state, then let the uplink drain."""
         self.notifier.stopping()
-        for source in self.sources:
+        for source in [*self.sources, *([self.commands] if self.commands is not None else [])]:
             try:
                 source.stop()
             except Exception:
@@ -296,6 +500,9 @@ class Agent:
         if self.uplink is not None:
             self.uplink.flush(timeout=self.config.uplink.shutdown_flush_s)
             self.uplink.stop()
+        if self.webhook is not None:
+            self.webhook.flush(timeout=self.config.webhook.shutdown_flush_s)
+            self.webhook.stop()
         self.db.conn.close()
         log.info("edgewatch stopped")
 

@@ -224,8 +224,10 @@ class MqttSource:
     after its message was handed to the sink, as before; reconnects keep the same client and session.
     """
 
-    def __init__(self, config: MqttSourceConfig) -> None:
+    def __init__(self, config: MqttSourceConfig, topic: str | None = None) -> None:
+        """`topic` replaces the telemetry subscription (the agent's command listener uses it)."""
         self.config = config
+        self.topic = topic or config.topic
         self.name = config.name
         self.client_id = config.client_id or f"edgewatch-{socket.gethostname()}-{config.name}"
         self.connects = 0
@@ -248,7 +250,7 @@ class MqttSource:
         if self._client is not None:
             raise RuntimeError(f"source {self.name} already started")
         client = make_client(self.config.mqtt, self.client_id, clean_start=False)
-        topic, qos = self.config.topic, self.config.qos
+        topic, qos = self.topic, self.config.qos
 
         def on_connect(c: mqtt.Client, userdata: object, flags: mqtt.ConnectFlags, rc, props) -> None:
             if rc.is_failure:

@@ -34,6 +34,8 @@ from typing import Any, Literal, Protocol, TextIO
 
 import numpy as np
 import paho.mqtt.client as mqtt
+from prometheus_client import Counter as PromCounter
+from prometheus_client import Gauge
 from pydantic import BaseModel, ConfigDict, Field
 
 from agent import __version__, metrics
@@ -44,6 +46,12 @@ from agent.types import Event
 log = logging.getLogger(__name__)
 
 DROPPED_COUNTER = "outbox_dropped"  # row name in `counters`: total drops, persisted across restarts
+# Tables an Outbox may drain (created by agent/db.py migrations) with the depth gauge and drop counter of
+# each. The name goes into SQL text, so only these are accepted.
+OUTBOX_TABLES: dict[str, tuple[Gauge, PromCounter]] = {
+    "outbox": (metrics.OUTBOX_DEPTH, metrics.OUTBOX_DROPPED),
+    "webhook_outbox": (metrics.WEBHOOK_OUTBOX_DEPTH, metrics.WEBHOOK_OUTBOX_DROPPED),
+}
 TOPIC_KINDS = ("alert", "health", "status", "drift")
 # Longest sleep of the uplink thread with nothing to do: new work wakes it at once (see Uplink._kick), so
 # this only paces paho's keepalive bookkeeping and retries after a refused publish.
@@ -195,26 +203,37 @@ class OutboxRow:
 class Outbox:
     """Durable FIFO of messages waiting for a broker acknowledgement, with caps and a drop policy.
 
-    Use one Outbox per database file: it keeps the row and byte totals in memory (computed at open) so a
-    put into a full outbox does not scan the table. All methods are thread-safe (one connection, a lock).
+    Use one Outbox per database file and table: it keeps the row and byte totals in memory (computed at
+    open) so a put into a full outbox does not scan the table. All methods are thread-safe (one
+    connection, a lock). `table` picks one of OUTBOX_TABLES ("outbox" for MQTT, "webhook_outbox" for the
+    webhook sink); drops are counted as `<table>_dropped` in `counters` and in that table's metrics.
     """
 
     def __init__(
-        self, db_path: str | Path, caps: OutboxCaps | None = None, synchronous: str = "NORMAL"
+        self,
+        db_path: str | Path,
+        caps: OutboxCaps | None = None,
+        synchronous: str = "NORMAL",
+        table: str = "outbox",
     ) -> None:
         self.caps: OutboxCaps = caps or Caps()
         if self.caps.drop_policy not in ("drop_oldest", "reject_new"):
             raise ValueError(
                 f"drop_policy must be 'drop_oldest' or 'reject_new', not {self.caps.drop_policy!r}"
             )
+        if table not in OUTBOX_TABLES:
+            raise ValueError(f"unknown outbox table {table!r} (expected one of {', '.join(OUTBOX_TABLES)})")
+        self.table = table
+        self.counter = f"{table}_dropped"  # "outbox_dropped" (DROPPED_COUNTER) for the MQTT outbox
+        self._depth_metric, self._dropped_metric = OUTBOX_TABLES[table]
         self._db = open_db(db_path, synchronous=synchronous)
         self._conn = self._db.conn
         self._lock = threading.RLock()
         rows, size = self._conn.execute(
-            "SELECT COUNT(*), COALESCE(SUM(LENGTH(payload)), 0) FROM outbox"
+            f"SELECT COUNT(*), COALESCE(SUM(LENGTH(payload)), 0) FROM {table}"
         ).fetchone()
         self._rows, self._bytes = int(rows), int(size)
-        metrics.OUTBOX_DEPTH.set(self._rows)
+        self._depth_metric.set(self._rows)
 
     def close(self) -> None:
         with self._lock:
@@ -234,12 +253,12 @@ class Outbox:
             return result
 
     def _count_drops(self, reason: str, n: int) -> None:
-        """Inside a transaction: add `n` drops to the persisted total and to `outbox_dropped.<reason>`
+        """Inside a transaction: add `n` drops to the persisted total and to `<counter>.<reason>`
         (the Prometheus counter is bumped after the commit)."""
         self._conn.executemany(
             "INSERT INTO counters (name, value) VALUES (?, ?) "
             "ON CONFLICT(name) DO UPDATE SET value = value + excluded.value",
-            [(DROPPED_COUNTER, n), (f"{DROPPED_COUNTER}.{reason}", n)],
+            [(self.counter, n), (f"{self.counter}.{reason}", n)],
         )
 
     def put(self, msg: OutboxMessage, now: float | None = None) -> bool:
@@ -253,7 +272,9 @@ class Outbox:
         drops: list[tuple[str, int]] = []
 
         def txn() -> bool:
-            exists = self._conn.execute("SELECT 1 FROM outbox WHERE msg_id = ?", (msg.msg_id,)).fetchone()
+            exists = self._conn.execute(
+                f"SELECT 1 FROM {self.table} WHERE msg_id = ?", (msg.msg_id,)
+            ).fetchone()
             if exists:
                 return True
             if size > self.caps.max_bytes:
@@ -271,7 +292,8 @@ class Outbox:
                 self._count_drops(drops[-1][0], 1)
                 return False
             self._conn.execute(
-                "INSERT INTO outbox (msg_id, device, topic, payload, qos, retain, created) VALUES (?,?,?,?,?,?,?)",
+                f"INSERT INTO {self.table} (msg_id, device, topic, payload, qos, retain, created) "
+                "VALUES (?,?,?,?,?,?,?)",
                 (msg.msg_id, msg.device, msg.topic, msg.payload, msg.qos, int(msg.retain), now),
             )
             self._rows += 1
@@ -285,15 +307,15 @@ class Outbox:
             self._rows, self._bytes = rows_before, bytes_before
             raise
         for reason, n in drops:
-            metrics.OUTBOX_DROPPED.labels(reason).inc(n)
-        metrics.OUTBOX_DEPTH.set(self._rows)
+            self._dropped_metric.labels(reason).inc(n)
+        self._depth_metric.set(self._rows)
         return stored
 
     def _evict(self, need_rows: int, need_bytes: int, drops: list[tuple[str, int]]) -> None:
         """Inside put's transaction: delete the oldest rows until `need_rows` and `need_bytes` are freed."""
         freed_rows = freed_bytes = 0
         last_id = None
-        for row_id, length in self._conn.execute("SELECT id, LENGTH(payload) FROM outbox ORDER BY id"):
+        for row_id, length in self._conn.execute(f"SELECT id, LENGTH(payload) FROM {self.table} ORDER BY id"):
             if freed_rows >= need_rows and freed_bytes >= need_bytes:
                 break
             last_id = row_id
@@ -301,7 +323,7 @@ class Outbox:
             freed_bytes += length
         if last_id is None:
             return
-        self._conn.execute("DELETE FROM outbox WHERE id <= ?", (last_id,))
+        self._conn.execute(f"DELETE FROM {self.table} WHERE id <= ?", (last_id,))
         self._rows -= freed_rows
         self._bytes -= freed_bytes
         self._count_drops("evicted", freed_rows)
@@ -311,7 +333,7 @@ class Outbox:
         """Up to `n` rows with id > after_id in id order (insertion order, so per-device order holds)."""
         with self._lock:
             cur = self._conn.execute(
-                "SELECT id, msg_id, device, topic, payload, qos, retain, created, attempts FROM outbox "
+                f"SELECT id, msg_id, device, topic, payload, qos, retain, created, attempts FROM {self.table} "
                 "WHERE id > ? ORDER BY id LIMIT ?",
                 (after_id, n),
             )
@@ -327,7 +349,7 @@ class Outbox:
         marks = ",".join("?" * len(row_ids))
         self._write(
             lambda: self._conn.execute(
-                f"UPDATE outbox SET attempts = attempts + 1 WHERE id IN ({marks})", row_ids
+                f"UPDATE {self.table} SET attempts = attempts + 1 WHERE id IN ({marks})", row_ids
             )
         )
 
@@ -343,17 +365,17 @@ class Outbox:
 
         def txn() -> tuple[int, int]:
             n, size = self._conn.execute(
-                f"SELECT COUNT(*), COALESCE(SUM(LENGTH(payload)), 0) FROM outbox WHERE id IN ({marks})",
+                f"SELECT COUNT(*), COALESCE(SUM(LENGTH(payload)), 0) FROM {self.table} WHERE id IN ({marks})",
                 row_ids,
             ).fetchone()
-            self._conn.execute(f"DELETE FROM outbox WHERE id IN ({marks})", row_ids)
+            self._conn.execute(f"DELETE FROM {self.table} WHERE id IN ({marks})", row_ids)
             return int(n), int(size)
 
         with self._lock:
             n, size = self._write(txn)
             self._rows -= n
             self._bytes -= size
-            metrics.OUTBOX_DEPTH.set(self._rows)
+            self._depth_metric.set(self._rows)
         return n
 
     def expire(self, now: float | None = None) -> int:
@@ -363,10 +385,11 @@ class Outbox:
 
         def txn() -> int:
             n, size = self._conn.execute(
-                "SELECT COUNT(*), COALESCE(SUM(LENGTH(payload)), 0) FROM outbox WHERE created < ?", (cutoff,)
+                f"SELECT COUNT(*), COALESCE(SUM(LENGTH(payload)), 0) FROM {self.table} WHERE created < ?",
+                (cutoff,),
             ).fetchone()
             if n:
-                self._conn.execute("DELETE FROM outbox WHERE created < ?", (cutoff,))
+                self._conn.execute(f"DELETE FROM {self.table} WHERE created < ?", (cutoff,))
                 self._count_drops("expired", n)
                 self._rows -= n
                 self._bytes -= size
@@ -374,10 +397,43 @@ class Outbox:
 
         n = self._write(txn)
         if n:
-            metrics.OUTBOX_DROPPED.labels("expired").inc(n)
-            metrics.OUTBOX_DEPTH.set(self._rows)
-            log.warning("outbox: %d message(s) older than %.0f s dropped unsent", n, self.caps.max_age_s)
+            self._dropped_metric.labels("expired").inc(n)
+            self._depth_metric.set(self._rows)
+            log.warning(
+                "%s: %d message(s) older than %.0f s dropped unsent", self.table, n, self.caps.max_age_s
+            )
         return n
+
+    def discard(self, row_ids: list[int], reason: str) -> int:
+        """Delete rows that can never be delivered (e.g. the webhook endpoint refused them for good),
+        counting them as drops of `reason` in the same transaction; returns how many were still there."""
+        if not row_ids:
+            return 0
+        marks = ",".join("?" * len(row_ids))
+
+        def txn() -> tuple[int, int]:
+            n, size = self._conn.execute(
+                f"SELECT COUNT(*), COALESCE(SUM(LENGTH(payload)), 0) FROM {self.table} WHERE id IN ({marks})",
+                row_ids,
+            ).fetchone()
+            if n:
+                self._conn.execute(f"DELETE FROM {self.table} WHERE id IN ({marks})", row_ids)
+                self._count_drops(reason, n)
+            return int(n), int(size)
+
+        with self._lock:
+            n, size = self._write(txn)
+            self._rows -= n
+            self._bytes -= size
+            self._depth_metric.set(self._rows)
+        if n:
+            self._dropped_metric.labels(reason).inc(n)
+        return n
+
+    def count_dropped(self, reason: str, n: int = 1) -> None:
+        """Count `n` messages dropped before they reached the table (e.g. over a payload bound)."""
+        self._write(lambda: self._count_drops(reason, n))
+        self._dropped_metric.labels(reason).inc(n)
 
     def depth(self) -> int:
         with self._lock:
@@ -391,16 +447,15 @@ class Outbox:
         """Persisted drops per reason (evicted, rejected, too_large, expired)."""
         with self._lock:
             rows = self._conn.execute(
-                "SELECT name, value FROM counters WHERE name LIKE ?", (f"{DROPPED_COUNTER}.%",)
+                "SELECT name, value FROM counters WHERE substr(name, 1, ?) = ?",
+                (len(self.counter) + 1, f"{self.counter}."),
             ).fetchall()
         return {name.split(".", 1)[1]: int(value) for name, value in rows}
 
     def dropped(self) -> int:
         """All drops ever (persisted in `counters`, so the figure survives restarts)."""
         with self._lock:
-            row = self._conn.execute(
-                "SELECT value FROM counters WHERE name = ?", (DROPPED_COUNTER,)
-            ).fetchone()
+            row = self._conn.execute("SELECT value FROM counters WHERE name = ?", (self.counter,)).fetchone()
             return int(row[0]) if row else 0
 
 
@@ -530,6 +585,7 @@ class Uplink:
             "uptime_s": round(max(uptime, 0.0), 3),
             "outbox": {"depth": self.outbox.depth(), "dropped": self.outbox.dropped()},
             "devices": sorted(str(d) for d in body.get("devices", [])),
+            "rollout": body.get("rollout"),
         }
 
     def publish_status(self) -> None:

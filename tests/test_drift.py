@@ -221,6 +221,7 @@ name = "bus"
 port = "/dev/null-not-opened"
 [model]
 path = "{model}"
+shadow_windows = 0
 [uplink]
 topic_prefix = "plant"
 [uplink.mqtt]

@@ -46,13 +46,15 @@ PASSWORDS = {
 
 # Each line pair is what docs/security.md tells an operator to write for that role.
 ACL = """\
-# gateway gw-01 (its uplink): writes its own alerts, health and status; reads nothing
+# gateway gw-01 (its uplink): writes its own alerts, health and status; reads only its commands
 user gw-01
 topic write edgewatch/gw-01/#
+topic read edgewatch/gw-01/cmd
 
-# the back end: reads what every gateway sends
+# the back end: reads what every gateway sends, writes commands
 user backend
 topic read edgewatch/#
+topic write edgewatch/+/cmd
 
 # a sensor publishing telemetry for the gateway's MQTT source
 user sensor-01
@@ -67,9 +69,11 @@ topic read edgewatch/sensors/+/telemetry
 # The fleet form (docs/security.md): one `pattern` line confines every gateway whose user name is its id.
 PATTERN_ACL = """\
 pattern write edgewatch/%u/#
+pattern read edgewatch/%u/cmd
 
 user backend
 topic read edgewatch/#
+topic write edgewatch/+/cmd
 
 user sensor-01
 topic write edgewatch/sensors/+/telemetry
@@ -584,6 +588,52 @@ def test_gateway_credentials_read_nothing(secure_broker: SecureBroker) -> None:
             c.loop_stop()
         spy.close()
         sub.close()
+
+
+@pytest.mark.timeout(30)
+@ACLS
+def test_only_the_back_end_can_command_a_gateway(secure_broker: SecureBroker) -> None:
+    """The gateway's command subscription (its own credentials, the agent's MqttSource on its own
+    topic) gets the back end's command and never one forged by a sensor or another gateway."""
+    from conftest import Collector
+
+    from agent.source import MqttSource, MqttSourceConfig
+
+    conn = secure_broker.conn(username="gw-01", password=PASSWORDS["gw-01"])
+    sub = MqttSource(
+        MqttSourceConfig(type="mqtt", name="commands", mqtt=conn, client_id="ew-gw-01-cmd"),
+        topic="edgewatch/gw-01/cmd",
+    )
+    got = Collector()
+    sub.start(got)
+    sensor = connected_client(
+        secure_broker.conn(username="sensor-01", password=PASSWORDS["sensor-01"]), "ew-s1"
+    )
+    other = connected_client(
+        secure_broker.conn(username="gw-01-source", password=PASSWORDS["gw-01-source"]), "ew-o"
+    )
+    ops = backend(secure_broker, "edgewatch/gw-01/cmd")
+    try:
+        assert sub.subscribed.wait(10), "the gateway may not read its own command topic"
+        for c in (sensor, other):
+            c.publish("edgewatch/gw-01/cmd", b'{"type":"reload","msg_id":"forged"}', qos=1).wait_for_publish(
+                10
+            )
+        ops.client.publish(
+            "edgewatch/gw-01/cmd", b'{"type":"reload","msg_id":"ops"}', qos=1
+        ).wait_for_publish(10)
+        # the back end's own subscription sees its command come back: everything routed before it is in
+        assert wait_for(lambda: "edgewatch/gw-01/cmd" in ops.topics())
+        (msg,) = got.wait_for(1)
+        assert json.loads(msg.payload)["msg_id"] == "ops"
+        ops.round_trip("edgewatch/gw-01/cmd")
+        assert [json.loads(m.payload)["msg_id"] for m in got.items if m.payload != b"ping"] == ["ops"]
+    finally:
+        sub.stop()
+        for c in (sensor, other):
+            c.disconnect()
+            c.loop_stop()
+        ops.close()
 
 
 # -- the MQTT source over TLS ---------------------------------------------------------------------

@@ -58,6 +58,7 @@ name = "bus"
 port = "/dev/null-not-opened"
 [model]
 path = "{model}"
+shadow_windows = 0
 [uplink]
 enabled = false
 [metrics]

@@ -20,8 +20,11 @@ def synth_rows(
     seed: int = 0,
     fault_at: float | None = None,
     start: float = 1_764_547_200.0,
+    new_normal_at: float | None = None,
 ) -> list[str]:
-    """CSV lines (no header). With `fault_at` (share of the duration), pump-01 develops bearing wear."""
+    """CSV lines (no header). With `fault_at` (share of the duration), pump-01 develops bearing wear.
+    With `new_normal_at`, pump-01 moves to another operating point then (faster, higher vibration,
+    higher pressure), still labelled normal: what a model that never saw it flags as a false alarm."""
     rng = np.random.default_rng(seed)
     t = np.arange(seconds, dtype=np.float64)
     stamps = np.datetime_as_string(((start + t) * 1000).astype("datetime64[ms]"), unit="ms")
@@ -31,6 +34,11 @@ def synth_rows(
         temp = 40 + 2 * np.sin(2 * np.pi * t / 600 + ph[0]) + rng.normal(0, 0.05, t.size)
         vib = 2 + 0.4 * np.sin(2 * np.pi * t / 40 + ph[1]) + rng.normal(0, 0.03, t.size)
         pres = 3 + 0.3 * np.sin(2 * np.pi * t / 90 + ph[2]) + rng.normal(0, 0.01, t.size)
+        if new_normal_at is not None and d == 0:
+            on = t >= int(new_normal_at * seconds)
+            fast = 2.8 + 0.6 * np.sin(2 * np.pi * t / 15 + ph[1]) + rng.normal(0, 0.03, t.size)
+            vib = np.where(on, fast, vib)
+            pres = np.where(on, pres + 0.4, pres)
         state = np.full(t.size, "normal", dtype=object)
         fault = np.full(t.size, "", dtype=object)
         sensor = np.full(t.size, "", dtype=object)
@@ -64,12 +72,16 @@ def synth_rows(
 
 
 def write_synth_csv(
-    path: str | Path, seconds: int, devices: int = 2, seed: int = 0, fault_at: float | None = None
+    path: str | Path,
+    seconds: int,
+    devices: int = 2,
+    seed: int = 0,
+    fault_at: float | None = None,
+    new_normal_at: float | None = None,
 ) -> Path:
     p = Path(path)
-    p.write_text(
-        HEADER + "\n" + "\n".join(synth_rows(seconds, devices, seed, fault_at)) + "\n", encoding="ascii"
-    )
+    rows = synth_rows(seconds, devices, seed, fault_at, new_normal_at=new_normal_at)
+    p.write_text(HEADER + "\n" + "\n".join(rows) + "\n", encoding="ascii")
     return p
 
 
