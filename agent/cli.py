@@ -70,7 +70,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
 
 
 def _add_eval(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("eval", help="evaluate detectors on labelled data (SKAB benchmark)")
+    p = sub.add_parser("eval", help="evaluate detectors on labelled data (SKAB benchmark, cheap screen)")
     esub = p.add_subparsers(dest="eval_command", required=True)
     s = esub.add_parser("skab", help="SKAB benchmark under its published protocol")
     s.add_argument("--data", required=True, help="SKAB data directory (valve1/, valve2/, other/)")
@@ -88,6 +88,26 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
         return run_skab_cli(args)
 
     s.set_defaults(handler=handler)
+
+    c = esub.add_parser(
+        "screen", help="cheap screen: CPU saved vs detection lost, replaying simulator days (docs/results.md)"
+    )
+    c.add_argument(
+        "--model", default="models/default", help="model bundle directory (default: models/default)"
+    )
+    c.add_argument("--data", default=None, help="directory for the recorded days (kept; default: a temp dir)")
+    c.add_argument("--hours", type=float, default=24.0, help="hours recorded per day (default 24)")
+    c.add_argument("--repeats", type=int, default=1, help="replays per setting; CPU is their median")
+    c.add_argument("--out", default=None, help="directory for screen.json and screen.md")
+    c.add_argument("-v", "--verbose", action="store_true", help="log each replay")
+
+    def screen_handler(args: argparse.Namespace) -> int | None:
+        # numpy and the agent only: runs on a gateway install too (no torch, no scikit-learn)
+        from training.screen_eval import run_screen_cli
+
+        return run_screen_cli(args)
+
+    c.set_defaults(handler=screen_handler)
 
 
 def _add_run(sub: argparse._SubParsersAction) -> None:

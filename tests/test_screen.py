@@ -305,3 +305,58 @@ def test_screened_default_threshold_baseline_only_learns_the_uniform_sample(
     n_screened = min(pipe.thresholder._devices["pump-02"].count, 100_000)  # type: ignore[attr-defined]
     n_plain = plain.thresholder._devices["pump-02"].count  # type: ignore[attr-defined]
     assert 16 + (n_plain - 16) / 4 * 0.8 <= n_screened <= 16 + (n_plain - 16) / 4 * 1.2 + 12
+
+
+# -- the measurement that chooses the default (training/screen_eval.py) ---------------------------
+def _row(day: str, setting: str, cpu: float, detected: int, delay: float, fa: float = 0.0) -> dict:
+    return {
+        "day": day,
+        "role": "tuning",
+        "setting": setting,
+        "cpu_s": cpu,
+        "windows_scored": 100,
+        "events": 5,
+        "detected": detected,
+        "median_time_to_detect_s": delay,
+        "false_alerts_per_device_day": fa,
+    }
+
+
+def test_the_decision_rule_keeps_recall_and_delay_before_cpu() -> None:
+    from training.screen_eval import SETTINGS, choose
+
+    off, default, z3, z6, only_k = SETTINGS
+    rows = [
+        _row("d", off, 10.0, 5, 600.0),
+        _row("d", default, 6.0, 5, 640.0),  # passes: 40 % saved, 6.7 % later
+        _row("d", z3, 7.0, 5, 600.0),  # passes, saves less
+        _row("d", z6, 4.0, 4, 600.0),  # cheapest, but loses an event
+        _row("d", only_k, 5.0, 5, 900.0),  # detects 50 % later
+    ]
+    best, verdicts = choose(rows)
+    assert best == default
+    assert verdicts[z6].startswith("fails") and "4/5" in verdicts[z6]
+    assert "median detection" in verdicts[only_k]
+    assert verdicts[z3] == "passes, saves 30% CPU"
+    # a false alert more, or too little saved, also fails; when nothing passes the screen stays off
+    rows[1] = _row("d", default, 6.0, 5, 640.0, fa=1.0)
+    rows[2] = _row("d", z3, 9.5, 5, 600.0)
+    best, verdicts = choose(rows)
+    assert best == off and "false alerts" in verdicts[default] and "< 10%" in verdicts[z3]
+
+
+def test_screen_eval_replays_each_setting_through_the_product(tmp_path: Path) -> None:
+    from training.screen_eval import SETTINGS, run_screen_eval
+
+    res = run_screen_eval(MODEL, tmp_path / "data", hours=0.4, repeats=1, out=tmp_path / "out")
+    rows = res["rows"]
+    assert len(rows) == 4 * len(SETTINGS)
+    off = [r for r in rows if r["setting"] == next(iter(SETTINGS))]
+    for r in rows:
+        base = next(b for b in off if b["day"] == r["day"])
+        assert 0 < r["windows_scored"] <= base["windows_scored"] and r["cpu_s"] > 0
+    # without a feature test only warm-up and every-8th windows are scored: fewer than without a screen
+    only_k = [r for r in rows if r["setting"].startswith("every 8th only")]
+    assert any(r["windows_scored"] < b["windows_scored"] for r, b in zip(only_k, off, strict=True))
+    assert (tmp_path / "out" / "screen.md").read_text().count("\n| ") == len(rows) + 1
+    assert res["chosen"] in SETTINGS
