@@ -1,5 +1,8 @@
 # edgewatch developer entry points. Every target installs what it needs first.
-PY ?= python3.11
+# python3.11 when there is one, else python3 (checked to be >= 3.11 below)
+PY ?= $(shell command -v python3.11 2>/dev/null || command -v python3 2>/dev/null || echo python3.11)
+# extra pip options for the install, e.g. PIP_OPTS="--extra-index-url <PyTorch's CPU wheel index>" (README)
+PIP_OPTS ?=
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
@@ -7,13 +10,14 @@ STAMP := $(VENV)/.installed
 .PHONY: install demo test lint bench model soak clean
 
 $(STAMP): pyproject.toml
-	@command -v $(PY) >/dev/null 2>&1 || { echo "need $(PY) on PATH"; exit 1; }
+	@command -v $(PY) >/dev/null 2>&1 || { echo "need Python >= 3.11 on PATH (python3.11 or python3)"; exit 1; }
+	@$(PY) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || { echo "$(PY) is older than 3.11"; exit 1; }
 	test -d $(VENV) || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[train,dev]'
+	$(BIN)/pip install -q $(PIP_OPTS) -e '.[train,dev]'
 	@touch $(STAMP)
 
-## install: .venv with the agent, the train extra (CPU torch) and dev tools
+## install: .venv with the agent, the train extra (torch 2.13.0; see README for the CPU build) and dev tools
 install: $(STAMP)
 
 ## demo: simulator on a pty with a fault, the agent on models/default, alerts to console + local mosquitto
