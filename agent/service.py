@@ -54,14 +54,21 @@ log = logging.getLogger("edgewatch")
 Task = Callable[[], None]
 
 
-def bundle_fingerprint(path: Path) -> tuple[float, int] | None:
-    """Cheap change detector for the model watch job: the manifest's mtime and size."""
-    manifest = path / "manifest.json"
-    try:
-        st = manifest.stat()
-    except OSError:
+def bundle_fingerprint(path: Path) -> tuple[tuple[str, int, int], ...] | None:
+    """Cheap change detector for the model watch job: name, mtime and size of every file in the bundle
+    directory. Every file counts, not only the manifest: a bundle copied manifest first is refused while
+    its model file is still old or half written, and must be tried again when that file lands."""
+    if not (path / "manifest.json").is_file():
         return None
-    return (st.st_mtime, st.st_size)
+    seen: list[tuple[str, int, int]] = []
+    try:
+        for f in sorted(path.rglob("*")):
+            if f.is_file():
+                st = f.stat()
+                seen.append((str(f.relative_to(path)), st.st_mtime_ns, st.st_size))
+    except OSError:
+        return None  # a file vanished while we looked: the copy is still going on
+    return tuple(seen)
 
 
 class Agent:

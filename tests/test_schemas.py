@@ -31,7 +31,7 @@ def errors(name: str, payload: dict) -> list[str]:
 
 
 def hand_alert(state: str = "open", n: int = 0) -> dict:
-    """An alert exactly as PAYLOADS.md describes it, built without agent/alert.py."""
+    """An alert exactly as docs/mqtt.md describes it, built without agent/alert.py."""
     device, opened_ts, model_id = "pump-01", 1_767_225_600.125, "default-0123abcd4567"
     alert_id = hashlib.sha256(f"{device}|{opened_ts:.3f}|{model_id}".encode()).hexdigest()[:16]
     return {

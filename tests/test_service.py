@@ -113,6 +113,33 @@ def test_hot_reload_swaps_a_good_bundle_and_refuses_a_bad_one(tmp_path: Path, re
     agent.shutdown()
 
 
+def test_a_bundle_copied_manifest_first_is_taken_once_its_model_file_lands(tmp_path: Path) -> None:
+    """`cp -r new/. model/` may write manifest.json before model.onnx: refused then, taken later."""
+    onnx = pytest.importorskip("onnx")
+    model, staged = tmp_path / "model", tmp_path / "staged"
+    shutil.copytree(ROOT / "models" / "default", model)
+    shutil.copytree(ROOT / "models" / "default", staged)
+    proto = onnx.load(str(staged / "model.onnx"))
+    proto.doc_string = "retrained"  # other bytes, same graph
+    onnx.save(proto, str(staged / "model.onnx"))
+    m = Manifest.model_validate(json.loads((staged / "manifest.json").read_text()))
+    finalize_bundle(staged, m.model_copy(update={"created_at": "2030-01-03T00:00:00Z"}))
+    new_id = load_bundle(staged).model_id
+
+    agent = make_agent(tmp_path, model)
+    old_id = agent.bundle.model_id
+    assert new_id != old_id
+    shutil.copy2(staged / "manifest.json", model / "manifest.json")  # the old model.onnx is still there
+    agent.check_model()
+    agent.check_model()
+    assert agent.bundle.model_id == old_id, "a manifest that does not match the files is refused"
+    shutil.copy2(staged / "model.onnx", model / "model.onnx")
+    agent.check_model()
+    assert agent.bundle.model_id == load_bundle(model).model_id != old_id, "tried again once a file changed"
+    assert agent.bundle.model_id.rsplit("-", 1)[1] == new_id.rsplit("-", 1)[1]  # ids: <dir>-<hash>
+    agent.shutdown()
+
+
 @pytest.mark.parametrize("damage", ["missing", "truncated", "not_onnx"])
 def test_run_refuses_to_start_without_a_valid_bundle(tmp_path: Path, damage: str) -> None:
     model = tmp_path / "model"
