@@ -390,11 +390,7 @@ class Agent:
     def _schedule(self) -> None:
         sc = self.config.scheduler
         add = self.scheduler.add_job
-        add(
-            lambda: self.submit(self.pipeline.buffer.flush),
-            "interval",
-            seconds=self.config.buffer.flush_interval_s,
-        )
+        add(lambda: self.submit(self._flush), "interval", seconds=self.config.buffer.flush_interval_s)
         add(lambda: self.submit(lambda: self.pipeline.tick(time.time())), "interval", seconds=1)
         add(lambda: self.submit(self._retention), "interval", seconds=sc.retention_interval_s)
         add(lambda: self.submit(self._log_progress), "interval", seconds=sc.status_interval_s)
@@ -419,6 +415,12 @@ class Agent:
             st.anomalous_windows,
             self.outbox.depth(),
         )
+
+    def _flush(self) -> None:
+        """Buffered rows, and events the outbox could not store (disk full), go to SQLite."""
+        self.pipeline.buffer.flush()
+        if self.uplink is not None and self.uplink.held():
+            self.uplink.retry_held()
 
     def _retention(self) -> None:
         self.pipeline.buffer.apply_retention(time.time())

@@ -27,6 +27,7 @@ import sqlite3
 import sys
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,6 +46,7 @@ from agent.types import Event
 
 log = logging.getLogger(__name__)
 
+MAX_HELD = 1000  # messages held in memory while the outbox cannot be written (disk full), then dropped
 DROPPED_COUNTER = "outbox_dropped"  # row name in `counters`: total drops, persisted across restarts
 # Tables an Outbox may drain (created by agent/db.py migrations) with the depth gauge and drop counter of
 # each. The name goes into SQL text, so only these are accepted.
@@ -430,10 +432,12 @@ class Outbox:
             self._dropped_metric.labels(reason).inc(n)
         return n
 
-    def count_dropped(self, reason: str, n: int = 1) -> None:
-        """Count `n` messages dropped before they reached the table (e.g. over a payload bound)."""
+    def count_dropped(self, reason: str, n: int = 1, metric: bool = True) -> None:
+        """Count `n` messages dropped before they reached the table (e.g. over a payload bound).
+        `metric=False`: the Prometheus counter was bumped already, when the drop happened."""
         self._write(lambda: self._count_drops(reason, n))
-        self._dropped_metric.labels(reason).inc(n)
+        if metric:
+            self._dropped_metric.labels(reason).inc(n)
 
     def depth(self) -> int:
         with self._lock:
@@ -515,6 +519,12 @@ class Uplink:
         self._last_fail_log = 0.0
         self._next_expire = 0.0
 
+        # Messages the outbox could not store (SQLite error, e.g. disk full), oldest first.
+        self._held: deque[OutboxMessage] = deque()
+        self._held_dropped = 0  # dropped past MAX_HELD and not yet added to the persisted counters
+        self._held_lock = threading.Lock()
+        self._last_put_stored = True
+
     # -- topics and payloads --------------------------------------------------------------------
     def topic_for(self, event: Event) -> str:
         if event.topic_kind not in TOPIC_KINDS:
@@ -528,8 +538,11 @@ class Uplink:
         return f"{self._base}/{topic_level(event.device)}/{event.topic_kind}"
 
     def enqueue(self, event: Event) -> bool:
-        """Persist an event for delivery; False if the outbox dropped it (caps) or could not store it.
+        """Persist an event for delivery; True if it is in the outbox now.
 
+        False if the outbox dropped it (caps), or could not store it: then (SQLite error, e.g. disk
+        full) it is held in memory, in order, and written by the next `enqueue` or `retry_held` that
+        finds space; beyond MAX_HELD held messages the oldest is dropped and counted ('disk_full').
         Raises ValueError for an event that can never be sent (unknown kind, no device, no msg_id), so
         the bug shows at its source. A status event is not queued: it replaces the pending status.
         """
@@ -543,15 +556,67 @@ class Uplink:
         if event.topic_kind == "status":
             self._hand_over_status(payload)
             return True
-        try:
-            stored = self.outbox.put(OutboxMessage(msg_id, topic, payload, device=event.device))
-        except sqlite3.Error as exc:
-            metrics.DB_ERRORS.labels("outbox").inc()
-            log.error("outbox: could not store %s %s: %s", event.topic_kind, msg_id, exc)
-            return False
+        msg = OutboxMessage(msg_id, topic, payload, device=event.device)
+        with self._held_lock:
+            if self._held:  # behind what waits already: order per device is kept
+                self._hold(msg)
+                self._retry_held_locked()
+                still_held = any(m is msg for m in self._held)
+                return not still_held and self._last_put_stored  # msg was the last one put
+            try:
+                stored = self.outbox.put(msg)
+            except sqlite3.Error as exc:
+                metrics.DB_ERRORS.labels("outbox").inc()
+                log.error(
+                    "outbox: could not store %s %s: %s; held in memory until it can",
+                    event.topic_kind,
+                    msg_id,
+                    exc,
+                )
+                self._hold(msg)
+                return False
         if stored:
             self._kick()
         return stored
+
+    def held(self) -> int:
+        """Messages waiting in memory for the outbox to take them (disk full)."""
+        with self._held_lock:
+            return len(self._held)
+
+    def retry_held(self) -> int:
+        """Write held messages into the outbox while it takes them; returns how many are still held.
+        Called by the agent's flush job, so they go out when space returns even if no event comes."""
+        with self._held_lock:
+            self._retry_held_locked()
+            return len(self._held)
+
+    def _hold(self, msg: OutboxMessage) -> None:
+        self._held.append(msg)
+        if len(self._held) > MAX_HELD:
+            self._held.popleft()
+            self._held_dropped += 1
+            metrics.OUTBOX_DROPPED.labels("disk_full").inc()
+
+    def _retry_held_locked(self) -> None:
+        if self._held_dropped:  # persisted once the database takes writes again
+            try:
+                self.outbox.count_dropped("disk_full", self._held_dropped, metric=False)
+                self._held_dropped = 0
+            except sqlite3.Error:
+                return
+        kicked = False
+        while self._held:
+            try:
+                self._last_put_stored = self.outbox.put(self._held[0])
+            except sqlite3.Error:
+                break
+            self._held.popleft()
+            kicked = True
+        if kicked:
+            if not self._held:
+                log.info("outbox: the messages held in memory are stored again")
+            self._kick()
 
     def _refresh_status_body(self) -> None:
         if self.status_provider is None:
@@ -583,7 +648,7 @@ class Uplink:
             "version": str(body.get("version", __version__)),
             "model_id": body.get("model_id"),
             "uptime_s": round(max(uptime, 0.0), 3),
-            "outbox": {"depth": self.outbox.depth(), "dropped": self.outbox.dropped()},
+            "outbox": {"depth": self.outbox.depth(), "dropped": self.outbox.dropped() + self._held_dropped},
             "devices": sorted(str(d) for d in body.get("devices", [])),
             "rollout": body.get("rollout"),
         }

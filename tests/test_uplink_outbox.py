@@ -244,6 +244,35 @@ def test_disk_full_loses_nothing_already_stored_and_enqueue_reports_it(db_path: 
     )
     assert ob.depth() == 3 and [r.msg_id for r in ob.peek(10)] == ["a:0", "a:1", "a:2"]
     assert ob._conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    # the refused message is held in memory, and what follows waits behind it (order per device)
+    assert up.held() == 1
+    assert up.enqueue(Event("alert", "pump-01", {"msg_id": "a:3"})) is False
+    assert up.held() == 2 and up.retry_held() == 2 and ob.depth() == 3
     ob._conn.execute("PRAGMA max_page_count = 1073741823")
-    assert up.enqueue(Event("alert", "pump-01", big))
-    assert ob.depth() == 4 and ob.size_bytes() == sum(len(r.payload) for r in ob.peek(10))
+    assert up.retry_held() == 0  # the agent's flush job calls this: space is back, both are written
+    assert [r.msg_id for r in ob.peek(10)] == ["a:0", "a:1", "a:2", "a:big", "a:3"]
+    assert up.enqueue(Event("alert", "pump-01", big))  # a re-send of the same id is a no-op
+    assert ob.depth() == 5 and ob.size_bytes() == sum(len(r.payload) for r in ob.peek(10))
+
+
+def test_disk_full_past_the_memory_bound_drops_the_oldest_held_and_counts_them(db_path: Path) -> None:
+    from agent.uplink import MAX_HELD
+
+    ob = Outbox(db_path)
+    up = Uplink(UplinkConfig(), ob, "gw-01")
+    assert up.enqueue(Event("alert", "pump-01", {"msg_id": "a:0", "pad": "x" * 100}))
+    pages = ob._conn.execute("PRAGMA page_count").fetchone()[0]
+    ob._conn.execute(f"PRAGMA max_page_count = {pages}")
+    before = metrics.REGISTRY.get_sample_value("edgewatch_outbox_dropped_total", {"reason": "disk_full"}) or 0
+    n = MAX_HELD + 5
+    for i in range(1, n + 1):
+        up.enqueue(Event("alert", "pump-01", {"msg_id": f"b:{i}", "pad": "y" * 5000}))
+    assert up.held() == MAX_HELD
+    after = metrics.REGISTRY.get_sample_value("edgewatch_outbox_dropped_total", {"reason": "disk_full"})
+    assert after == before + 5
+    assert up.status_payload("online")["outbox"]["dropped"] == 5  # counted before it can be persisted
+    ob._conn.execute("PRAGMA max_page_count = 1073741823")
+    assert up.retry_held() == 0
+    ids = [r.msg_id for r in ob.peek(n + 10)]
+    assert ids == ["a:0"] + [f"b:{i}" for i in range(6, n + 1)], "the oldest held ones were dropped"
+    assert ob.dropped_by_reason() == {"disk_full": 5} and ob.dropped() == 5
