@@ -24,7 +24,7 @@ from agent.buffer import BufferConfig
 from agent.command import CommandConfig
 from agent.drift import DriftConfig
 from agent.health import HealthConfig
-from agent.mqtt_client import MqttConnectionConfig
+from agent.mqtt_client import MqttConnectionConfig, is_loopback
 from agent.screen import ScreenConfig
 from agent.source import MqttSourceConfig, SerialSourceConfig, SourceConfig
 from agent.threshold import ThresholdConfig
@@ -303,6 +303,11 @@ def warnings_for(config: AgentConfig) -> list[str]:
                 f"{where}.password: a literal password is in the file; prefer password_env or password_credential"
             )
         out += [f"{where}: {p}" for p in conn.check_secrets()]
+        if not conn.tls and not is_loopback(conn.host):
+            out.append(
+                f"{where}: plaintext MQTT to {conn.host}: anyone on that network can read and forge "
+                "readings, alerts and commands; set tls = true (docs/security.md)"
+            )
     if config.webhook.enabled:
         out += [f"webhook: {p}" for p in config.webhook.check_secrets()]
     if not (config.model.path / "manifest.json").is_file():

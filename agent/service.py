@@ -31,7 +31,7 @@ from agent.command import (
     parse_command,
     store_label,
 )
-from agent.config import AgentConfig, ConfigError, load_config
+from agent.config import AgentConfig, ConfigError, load_config, warnings_for
 from agent.db import open_db
 from agent.drift import DriftMonitor
 from agent.notify import Notifier
@@ -524,6 +524,8 @@ def run_from_cli(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         log.error("%s", exc)
         return 2
+    for w in warnings_for(config):
+        log.warning("config: %s", w)
     try:
         agent = Agent(config)
     except BundleError as exc:

@@ -246,3 +246,18 @@ def test_every_config_key_is_documented() -> None:
             continue
         missing += [f"{title} {key}" for key in model.model_fields if f"| `{key}` |" not in body]
     assert not missing, f"not in docs/configuration.md: {missing}"
+
+
+def test_plaintext_mqtt_off_this_machine_is_warned(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    cfg = load_config(write(tmp_path, MINIMAL + '\n[uplink.mqtt]\nhost = "broker.plant.example"\n'))
+    assert any("uplink.mqtt: plaintext MQTT to broker.plant.example" in w for w in warnings_for(cfg))
+    assert (
+        check_cli(
+            argparse.Namespace(file=str(write(tmp_path, MINIMAL + '\n[uplink.mqtt]\nhost = "10.1.2.3"\n')))
+        )
+        == 0
+    )
+    assert "plaintext MQTT to 10.1.2.3" in capsys.readouterr().err
+    for host_tls in ('host = "127.0.0.1"', 'host = "broker.plant.example"\ntls = true'):
+        cfg = load_config(write(tmp_path, MINIMAL + f"\n[uplink.mqtt]\n{host_tls}\n"))
+        assert not any("plaintext" in w for w in warnings_for(cfg))
