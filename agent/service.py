@@ -419,7 +419,7 @@ class Agent:
     def _flush(self) -> None:
         """Buffered rows, and events the outbox could not store (disk full), go to SQLite."""
         self.pipeline.buffer.flush()
-        if self.uplink is not None and self.uplink.held():
+        if self.uplink is not None and self.uplink.held:
             self.uplink.retry_held()
 
     def _retention(self) -> None:

@@ -432,6 +432,10 @@ class Outbox:
             self._dropped_metric.labels(reason).inc(n)
         return n
 
+    def count_dropped_metric(self, reason: str, n: int = 1) -> None:
+        """Only the Prometheus counter, for a drop that cannot be persisted yet (disk full)."""
+        self._dropped_metric.labels(reason).inc(n)
+
     def count_dropped(self, reason: str, n: int = 1, metric: bool = True) -> None:
         """Count `n` messages dropped before they reached the table (e.g. over a payload bound).
         `metric=False`: the Prometheus counter was bumped already, when the drop happened."""
@@ -461,6 +465,78 @@ class Outbox:
         with self._lock:
             row = self._conn.execute("SELECT value FROM counters WHERE name = ?", (self.counter,)).fetchone()
             return int(row[0]) if row else 0
+
+
+class HeldPuts:
+    """Puts into an Outbox that survive a full disk: a message the outbox cannot store (SQLite error)
+    is logged, counted and held in memory, and later messages queue behind it, so order per device
+    holds; `retry()` (and every later put) writes them once the database takes writes again. Past
+    `limit` held messages the oldest is dropped and counted (reason 'disk_full'). Thread-safe."""
+
+    def __init__(self, outbox: Outbox, kind: str, limit: int = MAX_HELD) -> None:
+        self.outbox = outbox
+        self.kind = kind  # edgewatch_db_errors_total label
+        self.limit = limit
+        self._held: deque[OutboxMessage] = deque()
+        self.unpersisted_drops = 0  # dropped here and not yet added to the outbox's persisted counters
+        self._last_stored = True  # the outcome of the newest put that reached the outbox
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._held)
+
+    def put(self, msg: OutboxMessage, what: str = "message") -> bool | None:
+        """True: in the outbox now. False: the outbox's caps dropped it. None: held in memory."""
+        with self._lock:
+            if self._held:  # behind what waits already
+                self._hold(msg)
+                self._retry_locked()
+                return None if any(m is msg for m in self._held) else self._last_stored
+            try:
+                return self.outbox.put(msg)
+            except sqlite3.Error as exc:
+                metrics.DB_ERRORS.labels(self.kind).inc()
+                log.error(
+                    "%s: could not store %s %s: %s; held in memory until it can",
+                    self.kind,
+                    what,
+                    msg.msg_id,
+                    exc,
+                )
+                self._hold(msg)
+                return None
+
+    def retry(self) -> bool:
+        """Write held messages while the outbox takes them; True if any was written."""
+        with self._lock:
+            return self._retry_locked()
+
+    def _hold(self, msg: OutboxMessage) -> None:
+        self._held.append(msg)
+        if len(self._held) > self.limit:
+            self._held.popleft()
+            self.unpersisted_drops += 1
+            self.outbox.count_dropped_metric("disk_full")
+
+    def _retry_locked(self) -> bool:
+        if self.unpersisted_drops:  # persisted once the database takes writes again
+            try:
+                self.outbox.count_dropped("disk_full", self.unpersisted_drops, metric=False)
+            except sqlite3.Error:
+                return False
+            self.unpersisted_drops = 0
+        written = False
+        while self._held:
+            try:
+                self._last_stored = self.outbox.put(self._held[0])
+            except sqlite3.Error:
+                break
+            self._held.popleft()
+            written = True
+        if written and not self._held:
+            log.info("%s: the messages held in memory are stored again", self.kind)
+        return written
 
 
 # -- uplink -----------------------------------------------------------------------------------------
@@ -518,12 +594,7 @@ class Uplink:
         self._fail_streak = 0
         self._last_fail_log = 0.0
         self._next_expire = 0.0
-
-        # Messages the outbox could not store (SQLite error, e.g. disk full), oldest first.
-        self._held: deque[OutboxMessage] = deque()
-        self._held_dropped = 0  # dropped past MAX_HELD and not yet added to the persisted counters
-        self._held_lock = threading.Lock()
-        self._last_put_stored = True
+        self.held = HeldPuts(outbox, "outbox")  # what the outbox could not store yet (disk full)
 
     # -- topics and payloads --------------------------------------------------------------------
     def topic_for(self, event: Event) -> str:
@@ -557,66 +628,17 @@ class Uplink:
             self._hand_over_status(payload)
             return True
         msg = OutboxMessage(msg_id, topic, payload, device=event.device)
-        with self._held_lock:
-            if self._held:  # behind what waits already: order per device is kept
-                self._hold(msg)
-                self._retry_held_locked()
-                still_held = any(m is msg for m in self._held)
-                return not still_held and self._last_put_stored  # msg was the last one put
-            try:
-                stored = self.outbox.put(msg)
-            except sqlite3.Error as exc:
-                metrics.DB_ERRORS.labels("outbox").inc()
-                log.error(
-                    "outbox: could not store %s %s: %s; held in memory until it can",
-                    event.topic_kind,
-                    msg_id,
-                    exc,
-                )
-                self._hold(msg)
-                return False
+        stored = self.held.put(msg, what=event.topic_kind)
         if stored:
             self._kick()
-        return stored
-
-    def held(self) -> int:
-        """Messages waiting in memory for the outbox to take them (disk full)."""
-        with self._held_lock:
-            return len(self._held)
+        return bool(stored)
 
     def retry_held(self) -> int:
-        """Write held messages into the outbox while it takes them; returns how many are still held.
+        """Write held messages (disk full) into the outbox while it takes them; how many are still held.
         Called by the agent's flush job, so they go out when space returns even if no event comes."""
-        with self._held_lock:
-            self._retry_held_locked()
-            return len(self._held)
-
-    def _hold(self, msg: OutboxMessage) -> None:
-        self._held.append(msg)
-        if len(self._held) > MAX_HELD:
-            self._held.popleft()
-            self._held_dropped += 1
-            metrics.OUTBOX_DROPPED.labels("disk_full").inc()
-
-    def _retry_held_locked(self) -> None:
-        if self._held_dropped:  # persisted once the database takes writes again
-            try:
-                self.outbox.count_dropped("disk_full", self._held_dropped, metric=False)
-                self._held_dropped = 0
-            except sqlite3.Error:
-                return
-        kicked = False
-        while self._held:
-            try:
-                self._last_put_stored = self.outbox.put(self._held[0])
-            except sqlite3.Error:
-                break
-            self._held.popleft()
-            kicked = True
-        if kicked:
-            if not self._held:
-                log.info("outbox: the messages held in memory are stored again")
+        if self.held.retry():
             self._kick()
+        return len(self.held)
 
     def _refresh_status_body(self) -> None:
         if self.status_provider is None:
@@ -648,7 +670,10 @@ class Uplink:
             "version": str(body.get("version", __version__)),
             "model_id": body.get("model_id"),
             "uptime_s": round(max(uptime, 0.0), 3),
-            "outbox": {"depth": self.outbox.depth(), "dropped": self.outbox.dropped() + self._held_dropped},
+            "outbox": {
+                "depth": self.outbox.depth(),
+                "dropped": self.outbox.dropped() + self.held.unpersisted_drops,
+            },
             "devices": sorted(str(d) for d in body.get("devices", [])),
             "rollout": body.get("rollout"),
         }

@@ -42,7 +42,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from agent import __version__, metrics
 from agent.mqtt_client import SecretError, is_loopback, read_credential, read_env_secret
 from agent.types import Event
-from agent.uplink import Outbox, OutboxMessage, OutboxRow, encode_payload
+from agent.uplink import HeldPuts, Outbox, OutboxMessage, OutboxRow, encode_payload
 
 log = logging.getLogger(__name__)
 
@@ -472,6 +472,7 @@ class WebhookSink:
     def __init__(self, config: WebhookConfig, db_path: str | Path, synchronous: str = "NORMAL") -> None:
         self.config = config
         self.outbox = Outbox(db_path, config, synchronous=synchronous, table=TABLE)
+        self.held = HeldPuts(self.outbox, TABLE)  # what the outbox could not store yet (disk full)
         self._wake = threading.Event()
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
@@ -491,7 +492,7 @@ class WebhookSink:
 
         False when it is not sent: a kind not in `kinds`, an event the template does not send (PagerDuty:
         a drift check still learning), over `max_payload_bytes` (counted), dropped by the caps
-        (counted) or not storable (disk full, logged). Raises ValueError for an event without a msg_id,
+        (counted); or held in memory because the disk is full (logged; written by the worker once it can). Raises ValueError for an event without a msg_id,
         as the uplink does, so the bug shows at its source."""
         if not self.accepts(event):
             return False
@@ -506,27 +507,26 @@ class WebhookSink:
                 "webhook: template %s does not send %s %s", self.config.template, event.topic_kind, msg_id
             )
             return False
-        try:
-            if len(body) > self.config.max_payload_bytes:
+        if len(body) > self.config.max_payload_bytes:
+            log.error(
+                "webhook: %s %s dropped: its %s body is %d bytes, over max_payload_bytes = %d",
+                event.topic_kind,
+                msg_id,
+                self.config.template,
+                len(body),
+                self.config.max_payload_bytes,
+            )
+            try:
                 self.outbox.count_dropped("payload_too_large")
-                log.error(
-                    "webhook: %s %s dropped: its %s body is %d bytes, over max_payload_bytes = %d",
-                    event.topic_kind,
-                    msg_id,
-                    self.config.template,
-                    len(body),
-                    self.config.max_payload_bytes,
-                )
-                return False
-            msg = OutboxMessage(msg_id, event.topic_kind, encode_payload(event.payload), device=event.device)
-            stored = self.outbox.put(msg)
-        except sqlite3.Error as exc:
-            metrics.DB_ERRORS.labels(TABLE).inc()
-            log.error("webhook outbox: could not store %s %s: %s", event.topic_kind, msg_id, exc)
+            except sqlite3.Error as exc:  # disk full: the drop is logged above, not persisted
+                metrics.DB_ERRORS.labels(TABLE).inc()
+                log.error("webhook outbox: could not count the drop: %s", exc)
             return False
+        msg = OutboxMessage(msg_id, event.topic_kind, encode_payload(event.payload), device=event.device)
+        stored = self.held.put(msg, what=event.topic_kind)  # None: held in memory (disk full)
         if stored:
             self._wake.set()
-        return stored
+        return bool(stored)
 
     # -- lifecycle ------------------------------------------------------------------------------
     def start(self) -> None:
@@ -565,6 +565,8 @@ class WebhookSink:
         while not self._stopping.is_set():
             try:
                 self._maybe_expire()
+                if self.held:  # events the disk could not take: written once it can
+                    self.held.retry()
                 rows = self.outbox.peek(1)
             except sqlite3.Error as exc:
                 metrics.DB_ERRORS.labels(TABLE).inc()

@@ -182,7 +182,7 @@ def test_disk_full_under_the_cap_holds_rows_bounded_and_recovers(
         windows = agent.pipeline.stats.windows
         free_disk(agent)
         agent._flush()  # the scheduler's flush job: held readings and held messages are written
-        assert agent.uplink is not None and agent.uplink.held() == 0
+        assert agent.uplink is not None and len(agent.uplink.held) == 0
         feed(agent, msgs[n1:])
         assert agent.pipeline.buffer.flush()
         assert agent.pipeline.stats.windows > windows

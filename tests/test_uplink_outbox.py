@@ -245,9 +245,9 @@ def test_disk_full_loses_nothing_already_stored_and_enqueue_reports_it(db_path: 
     assert ob.depth() == 3 and [r.msg_id for r in ob.peek(10)] == ["a:0", "a:1", "a:2"]
     assert ob._conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
     # the refused message is held in memory, and what follows waits behind it (order per device)
-    assert up.held() == 1
+    assert len(up.held) == 1
     assert up.enqueue(Event("alert", "pump-01", {"msg_id": "a:3"})) is False
-    assert up.held() == 2 and up.retry_held() == 2 and ob.depth() == 3
+    assert len(up.held) == 2 and up.retry_held() == 2 and ob.depth() == 3
     ob._conn.execute("PRAGMA max_page_count = 1073741823")
     assert up.retry_held() == 0  # the agent's flush job calls this: space is back, both are written
     assert [r.msg_id for r in ob.peek(10)] == ["a:0", "a:1", "a:2", "a:big", "a:3"]
@@ -267,7 +267,7 @@ def test_disk_full_past_the_memory_bound_drops_the_oldest_held_and_counts_them(d
     n = MAX_HELD + 5
     for i in range(1, n + 1):
         up.enqueue(Event("alert", "pump-01", {"msg_id": f"b:{i}", "pad": "y" * 5000}))
-    assert up.held() == MAX_HELD
+    assert len(up.held) == MAX_HELD
     after = metrics.REGISTRY.get_sample_value("edgewatch_outbox_dropped_total", {"reason": "disk_full"})
     assert after == before + 5
     assert up.status_payload("online")["outbox"]["dropped"] == 5  # counted before it can be persisted

@@ -817,3 +817,21 @@ def test_long_texts_are_clipped_to_the_receivers_limits() -> None:
     assert any(len(f["text"]) == 2000 for f in slack["blocks"][1]["fields"])
     pd = json.loads(render("pagerduty", "health", long, "k") or b"")
     assert len(pd["payload"]["summary"]) == 1024
+
+
+def test_events_the_full_disk_cannot_take_are_held_then_delivered_in_order(
+    endpoint: Endpoint, make_sink: Callable[..., WebhookSink]
+) -> None:
+    sink = make_sink(config(endpoint.url))
+    events = lifecycle(["pump-01", "pump-02"], alerts_per_device=3)
+    assert sink.enqueue(events[0])
+    wait_until(lambda: sink.depth() == 0, what="the first event to go")
+    conn = sink.outbox._conn
+    conn.execute(f"PRAGMA max_page_count = {conn.execute('PRAGMA page_count').fetchone()[0]}")
+    big = [Event(e.topic_kind, e.device, {**e.payload, "pad": "x" * 20_000}) for e in events[1:]]
+    assert [sink.enqueue(e) for e in big] == [False] * len(big)  # not stored: held in memory
+    assert len(sink.held) == len(big)
+    conn.execute("PRAGMA max_page_count = 1073741823")  # space is back: the worker writes and sends them
+    wait_until(lambda: len(sink.held) == 0 and sink.depth() == 0, what="the held events to go")
+    assert [m["msg_id"] for m in endpoint.application()] == [e.payload["msg_id"] for e in events]
+    assert sink.outbox.dropped() == 0
