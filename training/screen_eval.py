@@ -107,20 +107,24 @@ def record_day(tmp: Path, scenario: str, seed: int, hours: float) -> Path:
 
 
 def measure(bundle: Bundle, path: Path, day: str, role: str, repeats: int) -> list[Run]:
-    """Every setting on one day; CPU is the median process time of `repeats` replays."""
+    """Every setting on one day. CPU is the median process time of `repeats` replays, taken round-robin
+    over the settings so that a slow spell of the machine does not land on one setting alone."""
     recs = load_inputs([path], bundle.manifest.channel_names)
-    runs: list[Run] = []
-    for name, cfg in SETTINGS.items():
-        settings = StageSettings(screen=cfg) if cfg is not None else StageSettings()
-        cpu: list[float] = []
-        cap = None
-        for _ in range(repeats):
+    cpu: dict[str, list[float]] = {name: [] for name in SETTINGS}
+    last: dict[str, Any] = {}
+    for _ in range(repeats):
+        for name, cfg in SETTINGS.items():
+            settings = StageSettings(screen=cfg) if cfg is not None else StageSettings()
             t0 = time.process_time()
-            cap = replay_product(bundle, recs, settings)
-            cpu.append(time.process_time() - t0)
-        assert cap is not None
-        run = Run(day, role, name, float(np.median(cpu)), len(cap.result.judgements), summarise(cap.result))
-        log.info("%s / %s: %.2f s CPU, %d windows scored", day, name, run.cpu_s, run.windows_scored)
+            last[name] = replay_product(bundle, recs, settings).result
+            cpu[name].append(time.process_time() - t0)
+    runs: list[Run] = []
+    for name in SETTINGS:
+        result = last[name]
+        run = Run(day, role, name, float(np.median(cpu[name])), len(result.judgements), summarise(result))
+        log.info(
+            "%s / %s: %.2f s CPU (%s), %d windows scored", day, name, run.cpu_s, cpu[name], run.windows_scored
+        )
         runs.append(run)
     return runs
 
