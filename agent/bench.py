@@ -831,6 +831,10 @@ def render_markdown(rep: BenchReport, notes: str = "") -> str:
         f"Machine: {m.get('cpu')}, {m.get('cores')} cores, {m.get('mem_gib')} GiB, {m.get('os')}.  ",
         f"Versions: {vers}.",
         "",
+        "These figures are from an x86-64 machine; an ARM gateway (a Raspberry Pi 4's Cortex-A72, say) will "
+        "be slower, several times so for the model and the Python stages: compare the ratios to the "
+        "references of the same run, and re-run `make bench` on the target to get its own figures.",
+        "",
         "| section | figure | value | unit | reference (same run) | reference value | ratio | goal | met | notes |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
