@@ -26,6 +26,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
+# sha256 of manifest.json in `sha256sum` format, written after it: the manifest hashes every other file,
+# this file hashes the manifest, so an edit of any file of the bundle is refused (`sha256sum -c` works).
+MANIFEST_SHA_NAME = "manifest.sha256"
 
 
 class BundleError(Exception):
@@ -367,8 +370,37 @@ def load_bundle(path: str | os.PathLike[str], threads: int = 1) -> Bundle:
     except Exception as e:  # onnxruntime raises several private exception types
         raise BundleError(f"{model_path}: not a loadable ONNX model: {str(e).splitlines()[0][:300]}") from e
     _check_model(model_path, manifest, session)
-    model_id = f"{root.resolve().name}-{hashlib.sha256(raw).hexdigest()[:12]}"
+    digest = hashlib.sha256(raw).hexdigest()
+    _verify_manifest_sha(root, digest)
+    model_id = f"{root.resolve().name}-{digest[:12]}"
     return Bundle(path=root, manifest=manifest, model_id=model_id, session=session, threads=threads)
+
+
+def _verify_manifest_sha(root: Path, digest: str) -> None:
+    path = root / MANIFEST_SHA_NAME
+    try:
+        text = path.read_text(encoding="ascii")
+    except FileNotFoundError:
+        raise BundleError(
+            f"{path}: missing; the bundle was not finalized (finalize_bundle writes it after manifest.json)"
+        ) from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise BundleError(f"{path}: unreadable: {e}") from e
+    want = text.split()[0].lower() if text.split() else ""
+    if want != digest:
+        raise BundleError(
+            f"{root / MANIFEST_NAME}: sha256 mismatch (manifest.sha256 {want[:12]}..., file {digest[:12]}...): "
+            "manifest.json was modified after the bundle was finalized"
+        )
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
 
 
 def finalize_bundle(directory: str | os.PathLike[str], manifest: Manifest) -> Manifest:
@@ -380,7 +412,7 @@ def finalize_bundle(directory: str | os.PathLike[str], manifest: Manifest) -> Ma
     root = Path(directory)
     files: dict[str, str] = {}
     for p in sorted(root.rglob("*")):
-        if p.is_file() and p.name != MANIFEST_NAME and not p.name.endswith(".tmp"):
+        if p.is_file() and p.name not in (MANIFEST_NAME, MANIFEST_SHA_NAME) and not p.name.endswith(".tmp"):
             files[p.relative_to(root).as_posix()] = sha256_file(p)
     if manifest.model_file not in files:
         raise BundleError(f"{root / manifest.model_file}: model file missing; refusing to write a manifest")
@@ -389,13 +421,10 @@ def finalize_bundle(directory: str | os.PathLike[str], manifest: Manifest) -> Ma
 
         manifest = manifest.model_copy(update={"edgewatch_version": __version__})
     manifest = Manifest.model_validate({**manifest.model_dump(), "files": files})
-    tmp = root / (MANIFEST_NAME + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(manifest.model_dump_json(indent=2))
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, root / MANIFEST_NAME)
+    (root / MANIFEST_SHA_NAME).unlink(missing_ok=True)  # until the new one is written, nothing loads
+    text = manifest.model_dump_json(indent=2) + "\n"
+    _write_atomic(root / MANIFEST_NAME, text)
+    _write_atomic(root / MANIFEST_SHA_NAME, f"{hashlib.sha256(text.encode()).hexdigest()}  {MANIFEST_NAME}\n")
     return manifest
 
 
@@ -404,6 +433,7 @@ def write_bundle(directory: str | os.PathLike[str], manifest: Manifest, files: d
     root = Path(directory)
     root.mkdir(parents=True, exist_ok=True)
     (root / MANIFEST_NAME).unlink(missing_ok=True)
+    (root / MANIFEST_SHA_NAME).unlink(missing_ok=True)
     for rel, content in files.items():
         p = root / rel
         p.parent.mkdir(parents=True, exist_ok=True)

@@ -97,7 +97,9 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     )
     c.add_argument("--data", default=None, help="directory for the recorded days (kept; default: a temp dir)")
     c.add_argument("--hours", type=float, default=24.0, help="hours recorded per day (default 24)")
-    c.add_argument("--repeats", type=int, default=3, help="replays per setting; CPU is their median (default 3)")
+    c.add_argument(
+        "--repeats", type=int, default=3, help="replays per setting; CPU is their median (default 3)"
+    )
     c.add_argument("--out", default=None, help="directory for screen.json and screen.md")
     c.add_argument("-v", "--verbose", action="store_true", help="log each replay")
 

@@ -24,7 +24,7 @@ from typing import Any
 
 from agent import metrics
 from agent.buffer import Buffer
-from agent.bundle import MANIFEST_NAME, Bundle, BundleError, load_bundle
+from agent.bundle import MANIFEST_NAME, MANIFEST_SHA_NAME, Bundle, BundleError, load_bundle
 from agent.score import Scorer
 from agent.threshold import Thresholder
 from agent.types import Judgement, Reading
@@ -152,7 +152,7 @@ class ModelStore:
         if not (dest / MANIFEST_NAME).is_file():
             tmp = self.root / f".{bundle.model_id}.tmp"
             shutil.rmtree(tmp, ignore_errors=True)
-            for rel in [*bundle.manifest.files, MANIFEST_NAME]:
+            for rel in [*bundle.manifest.files, MANIFEST_NAME, MANIFEST_SHA_NAME]:
                 target = tmp / dest.name / rel
                 target.parent.mkdir(parents=True, exist_ok=True)
                 shutil.copy2(bundle.path / rel, target)

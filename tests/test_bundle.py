@@ -8,7 +8,15 @@ from pathlib import Path
 
 import pytest
 
-from agent.bundle import MANIFEST_NAME, BundleError, Manifest, finalize_bundle, load_bundle, write_bundle
+from agent.bundle import (
+    MANIFEST_NAME,
+    MANIFEST_SHA_NAME,
+    BundleError,
+    Manifest,
+    finalize_bundle,
+    load_bundle,
+    write_bundle,
+)
 
 pytest.importorskip("torch")
 from training.synth import tiny_bundle
@@ -44,12 +52,18 @@ def test_good_bundle_loads_and_verifies(bundle_dir: Path) -> None:
     assert load_bundle(bundle_dir).model_id == b.model_id  # stable
 
 
-def test_model_id_changes_with_manifest(bundle_dir: Path) -> None:
+def test_an_edited_manifest_is_refused_and_a_refinalized_one_is_a_new_model(bundle_dir: Path) -> None:
     before = load_bundle(bundle_dir).model_id
     data = _manifest(bundle_dir)
     data["stride"] = 8
     _write_manifest(bundle_dir, data)
+    with pytest.raises(BundleError, match=r"manifest\.json was modified after the bundle was finalized"):
+        load_bundle(bundle_dir)
+    finalize_bundle(bundle_dir, Manifest.model_validate(data))
     assert load_bundle(bundle_dir).model_id != before
+    (bundle_dir / MANIFEST_SHA_NAME).unlink()
+    with pytest.raises(BundleError, match=r"manifest\.sha256: missing"):
+        load_bundle(bundle_dir)
 
 
 @pytest.mark.parametrize("name", ["model.onnx", "model.fp32.onnx"])

@@ -129,7 +129,8 @@ def test_a_bundle_copied_manifest_first_is_taken_once_its_model_file_lands(tmp_p
     agent = make_agent(tmp_path, model)
     old_id = agent.bundle.model_id
     assert new_id != old_id
-    shutil.copy2(staged / "manifest.json", model / "manifest.json")  # the old model.onnx is still there
+    for name in ("manifest.json", "manifest.sha256"):  # the old model.onnx is still there
+        shutil.copy2(staged / name, model / name)
     agent.check_model()
     agent.check_model()
     assert agent.bundle.model_id == old_id, "a manifest that does not match the files is refused"

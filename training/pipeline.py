@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from agent.bundle import (
     MANIFEST_NAME,
+    MANIFEST_SHA_NAME,
     QUANTILE_KEYS,
     Calibration,
     ChannelSpec,
@@ -264,6 +265,7 @@ def build_bundle(paths: list[str | Path], out: str | Path, cfg: PipelineConfig) 
     root = Path(out)
     root.mkdir(parents=True, exist_ok=True)
     (root / MANIFEST_NAME).unlink(missing_ok=True)  # from here on, the directory is not a valid bundle
+    (root / MANIFEST_SHA_NAME).unlink(missing_ok=True)
     for stale in ("model.onnx", "model.fp32.onnx"):
         (root / stale).unlink(missing_ok=True)
     fp32 = root / "model.fp32.onnx"
