@@ -195,8 +195,9 @@ class AgentConfig(BaseModel):
             )
         if self.screen.enabled and self.threshold.ewma_alpha < 1.0:
             raise ValueError(
-                "screen.enabled cannot be combined with threshold.ewma_alpha < 1 (the smoothed score "
-                "would average over the scored windows only)"
+                "screen.enabled (on by default) cannot be combined with threshold.ewma_alpha < 1 (the "
+                "smoothed score would average over the scored windows only): set [screen] enabled = false "
+                "to use a smoothed threshold"
             )
         return self
 

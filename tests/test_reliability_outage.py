@@ -54,8 +54,8 @@ shutdown_flush_s = 3
 [uplink.mqtt]
 host = "127.0.0.1"
 port = {broker.port}
-reconnect_min_s = 1.5
-reconnect_max_s = 2
+reconnect_min_s = 3.0
+reconnect_max_s = 4
 
 [metrics]
 enabled = true

@@ -24,6 +24,7 @@ from agent.types import Judgement, Score, Window
 
 STRIDE = 8
 ONSET_S = 2400.0
+PLAIN = StageSettings(screen=ScreenConfig(enabled=False))  # every window scored
 
 
 def window(device: str, i: int, data: np.ndarray) -> Window:
@@ -157,7 +158,7 @@ def test_disabled_screen_sends_everything_and_learns_as_without_one() -> None:
     ws = [window("a", i, noisy(rng)) for i in range(1, 200)]
     assert s.flag(ws) == [True] * len(ws)
     assert all(s.observe(verdict(w), alert_open=False) for w in ws)
-    assert make_screen(ScreenConfig(), 1.0, STRIDE, 12, 1.0) is None
+    assert make_screen(ScreenConfig(enabled=False), 1.0, STRIDE, 12, 1.0) is None
 
 
 def test_screen_refuses_a_smoothed_threshold(tmp_path: Path) -> None:
@@ -186,7 +187,22 @@ enabled = true
     db = open_db(tmp_path / "c.db")
     try:
         assert build_pipeline(settings, load_bundle(MODEL), db, lambda e: None).screen is not None
-        assert build_pipeline(StageSettings(), load_bundle(MODEL), db, lambda e: None).screen is None
+        assert build_pipeline(PLAIN, load_bundle(MODEL), db, lambda e: None).screen is None
+        # on by default, as docs/results.md measured: every 8th window, no feature test
+        default = build_pipeline(StageSettings(), load_bundle(MODEL), db, lambda e: None).screen
+        assert default is not None and default.config.every_k == 8 and np.isinf(default.config.z)
+    finally:
+        db.conn.close()
+    # the default screen and a smoothed threshold: refused with the way out; accepted once it is off
+    no_section = toml.replace("[screen]\nenabled = true\n", "")
+    with pytest.raises(ConfigError, match=r"set \[screen\] enabled = false"):
+        parse_config(tomllib.loads(no_section))
+    off = parse_config(tomllib.loads(no_section + "[screen]\nenabled = false\n"))
+    assert off.threshold.ewma_alpha == 0.5 and not off.screen.enabled
+    db = open_db(tmp_path / "d.db")
+    try:
+        pipe = build_pipeline(StageSettings.from_config(off), load_bundle(MODEL), db, lambda e: None)
+        assert pipe.screen is None
     finally:
         db.conn.close()
 
@@ -246,7 +262,7 @@ def table(result: ReplayResult) -> list[tuple]:
 def test_a_screen_that_skips_nothing_changes_nothing(
     bundle: Bundle, bearing: Path, tmp_path: Path, install: Screen
 ) -> None:
-    plain, _ = run(bundle, bearing, tmp_path / "a.db", StageSettings())
+    plain, _ = run(bundle, bearing, tmp_path / "a.db", PLAIN)
     screened, pipe = run(bundle, bearing, tmp_path / "b.db", StageSettings(), install)
     assert pipe.screen is install and pipe.stats.skipped_windows == 0
     assert table(screened) == table(plain) and len(plain.judgements) > 1000
@@ -257,7 +273,7 @@ def test_a_screen_that_skips_nothing_changes_nothing(
 def test_screened_pipeline_still_opens_the_alert_and_scores_every_window_while_open(
     bundle: Bundle, bearing: Path, tmp_path: Path
 ) -> None:
-    plain, _ = run(bundle, bearing, tmp_path / "a.db", StageSettings())
+    plain, _ = run(bundle, bearing, tmp_path / "a.db", PLAIN)
     settings = StageSettings(screen=ScreenConfig(enabled=True, warmup=16, history=64))
     screened, pipe = run(bundle, bearing, tmp_path / "b.db", settings)
     total = len(plain.judgements)
@@ -300,7 +316,10 @@ def test_screened_default_threshold_baseline_only_learns_the_uniform_sample(
     )
     _, pipe = run(bundle, bearing, tmp_path / "b.db", settings)
     _, plain = run(
-        bundle, bearing, tmp_path / "a.db", StageSettings(threshold=ThresholdConfig(history=100_000))
+        bundle,
+        bearing,
+        tmp_path / "a.db",
+        StageSettings(threshold=ThresholdConfig(history=100_000), screen=ScreenConfig(enabled=False)),
     )
     n_screened = min(pipe.thresholder._devices["pump-02"].count, 100_000)  # type: ignore[attr-defined]
     n_plain = plain.thresholder._devices["pump-02"].count  # type: ignore[attr-defined]
@@ -360,3 +379,27 @@ def test_screen_eval_replays_each_setting_through_the_product(tmp_path: Path) ->
     assert any(r["windows_scored"] < b["windows_scored"] for r, b in zip(only_k, off, strict=True))
     assert (tmp_path / "out" / "screen.md").read_text().count("\n| ") == len(rows) + 1
     assert res["chosen"] in SETTINGS
+
+
+def test_without_a_feature_test_decisions_do_not_depend_on_when_the_screen_started() -> None:
+    """z = inf (the default): no warm-up, so a screen started mid-stream (an agent restart) scores
+    exactly the windows the screen that saw everything scores: the every-k grid and the holds."""
+    rng = np.random.default_rng(7)
+    ws = [window("a", i, noisy(rng)) for i in range(1, 121)]
+    anomalous = {40, 41, 42}  # a short anomalous run: each verdict holds the device for 12 windows
+
+    def decisions(s: Screen, part: list[Window]) -> list[bool]:
+        out = []
+        for w in part:
+            sent, _ = step(s, w, anomalous=int(w.end_ts) // STRIDE in anomalous)
+            out.append(sent)
+        return out
+
+    cfg = {"z": float("inf"), "every_k": 8}
+    whole = decisions(screen(**cfg), ws)
+    restarted = decisions(screen(**cfg), ws[60:])
+    assert whole[60:] == restarted
+    assert whole[:8] == [i % 8 == 0 for i in range(1, 9)], "no warm-up: only every 8th from the start"
+    # window 40 (every 8th) is scored and anomalous; 41 and 42 are held, scored, anomalous; the hold of
+    # 12 windows after 42 keeps 43-54 on the model; 55 is skipped again
+    assert all(whole[i - 1] for i in range(40, 55)) and not whole[55 - 1]

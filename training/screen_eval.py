@@ -53,7 +53,7 @@ DAYS = [
 ]
 SETTINGS: dict[str, ScreenConfig | None] = {
     "off (every window scored)": None,
-    "z 4, every 8th (config defaults)": ScreenConfig(enabled=True, z=4.0, every_k=8),
+    "z 4, every 8th": ScreenConfig(enabled=True, z=4.0, every_k=8),
     "z 3, every 4th": ScreenConfig(enabled=True, z=3.0, every_k=4),
     "z 6, every 16th": ScreenConfig(enabled=True, z=6.0, every_k=16),
     "every 8th only (no feature test)": ScreenConfig(enabled=True, z=math.inf, every_k=8),
@@ -114,7 +114,7 @@ def measure(bundle: Bundle, path: Path, day: str, role: str, repeats: int) -> li
     last: dict[str, Any] = {}
     for _ in range(repeats):
         for name, cfg in SETTINGS.items():
-            settings = StageSettings(screen=cfg) if cfg is not None else StageSettings()
+            settings = StageSettings(screen=cfg if cfg is not None else ScreenConfig(enabled=False))
             t0 = time.process_time()
             last[name] = replay_product(bundle, recs, settings).result
             cpu[name].append(time.process_time() - t0)
