@@ -143,7 +143,7 @@ print(json.dumps({{"windows": len(res.judgements), "bad": bad}}))
 """
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
     result = json.loads(out.stdout.strip().splitlines()[-1])
-    assert result["windows"] > 50
+    assert result["windows"] > 5  # scored windows: the default screen scores every 8th of ~67
     assert result["bad"] == []
 
 

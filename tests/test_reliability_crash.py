@@ -34,6 +34,10 @@ flush_interval_s = 1
 [threshold]
 persist_every_s = 1
 
+# every window scored, so the baseline learns between two kills (the screen would learn every 8th)
+[screen]
+enabled = false
+
 [alerts]
 persist_every_s = 1
 open_k = 3

@@ -69,6 +69,8 @@ min_agreement = {min_agreement}
 enabled = false
 [metrics]
 enabled = false
+[screen]
+enabled = false  # both models score every window, so every shadow window is compared
 """
     )
     return Agent(load_config(cfg), sources=[]), model
