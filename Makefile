@@ -6,22 +6,34 @@ PIP_OPTS ?=
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+GW_STAMP := $(VENV)/.installed-gateway
 
 .PHONY: install demo test lint bench model soak clean
 
-$(STAMP): pyproject.toml
+VENV_OK := $(VENV)/.created
+
+$(VENV_OK):
 	@command -v $(PY) >/dev/null 2>&1 || { echo "need Python >= 3.11 on PATH (python3.11 or python3)"; exit 1; }
 	@$(PY) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || { echo "$(PY) is older than 3.11"; exit 1; }
 	test -d $(VENV) || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
+	@touch $(VENV_OK)
+
+# Everything: the agent, the train extra and the dev tools (make test, bench, model).
+$(STAMP): pyproject.toml $(VENV_OK)
 	$(BIN)/pip install -q $(PIP_OPTS) -e '.[train,dev]'
 	@touch $(STAMP)
+
+# The gateway part only (no torch, no scikit-learn): what `make demo` needs.
+$(GW_STAMP): pyproject.toml $(VENV_OK)
+	$(BIN)/pip install -q $(PIP_OPTS) -e .
+	@touch $(GW_STAMP)
 
 ## install: .venv with the agent, the train extra (torch 2.13.0; see README for the CPU build) and dev tools
 install: $(STAMP)
 
-## demo: simulator on a pty with a fault, the agent on models/default, alerts to console + local mosquitto
-demo: install
+## demo: simulator on a pty with a fault, the agent on models/default (gateway install: no torch), alerts to console + local mosquitto
+demo: $(GW_STAMP)
 	@bash scripts/demo.sh
 
 ## test: ruff, then the whole pytest suite (starts its own mosquitto brokers)
