@@ -361,24 +361,7 @@ class Outbox:
 
     def ack_many(self, row_ids: list[int]) -> int:
         """Delete acknowledged rows in one transaction (one commit per network read, not per message)."""
-        if not row_ids:
-            return 0
-        marks = ",".join("?" * len(row_ids))
-
-        def txn() -> tuple[int, int]:
-            n, size = self._conn.execute(
-                f"SELECT COUNT(*), COALESCE(SUM(LENGTH(payload)), 0) FROM {self.table} WHERE id IN ({marks})",
-                row_ids,
-            ).fetchone()
-            self._conn.execute(f"DELETE FROM {self.table} WHERE id IN ({marks})", row_ids)
-            return int(n), int(size)
-
-        with self._lock:
-            n, size = self._write(txn)
-            self._rows -= n
-            self._bytes -= size
-            self._depth_metric.set(self._rows)
-        return n
+        return self._delete(row_ids, drop_reason=None)
 
     def expire(self, now: float | None = None) -> int:
         """Drop rows older than max_age_s (reason 'expired'); returns how many."""
@@ -409,6 +392,10 @@ class Outbox:
     def discard(self, row_ids: list[int], reason: str) -> int:
         """Delete rows that can never be delivered (e.g. the webhook endpoint refused them for good),
         counting them as drops of `reason` in the same transaction; returns how many were still there."""
+        return self._delete(row_ids, drop_reason=reason)
+
+    def _delete(self, row_ids: list[int], drop_reason: str | None) -> int:
+        """Delete rows by id in one transaction (counted as drops of `drop_reason` unless None)."""
         if not row_ids:
             return 0
         marks = ",".join("?" * len(row_ids))
@@ -420,7 +407,8 @@ class Outbox:
             ).fetchone()
             if n:
                 self._conn.execute(f"DELETE FROM {self.table} WHERE id IN ({marks})", row_ids)
-                self._count_drops(reason, n)
+                if drop_reason is not None:
+                    self._count_drops(drop_reason, n)
             return int(n), int(size)
 
         with self._lock:
@@ -428,8 +416,8 @@ class Outbox:
             self._rows -= n
             self._bytes -= size
             self._depth_metric.set(self._rows)
-        if n:
-            self._dropped_metric.labels(reason).inc(n)
+        if n and drop_reason is not None:
+            self._dropped_metric.labels(drop_reason).inc(n)
         return n
 
     def count_dropped_metric(self, reason: str, n: int = 1) -> None:
