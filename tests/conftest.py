@@ -124,3 +124,27 @@ def fresh_db(db_path: Path):
     db = open_db(db_path)
     yield db
     db.conn.close()
+
+
+def write_agent_config(
+    tmp_path: Path, gateway: str, model: Path, model_keys: str = "", rest: str = ""
+) -> Path:
+    """`ew.toml` for an Agent built in-process with `sources=[]`: a placeholder serial source that is
+    never opened, state in tmp_path/state, the bundle in `model`; `model_keys` go under [model],
+    `rest` (further sections) after it."""
+    cfg = tmp_path / "ew.toml"
+    cfg.write_text(
+        f"""
+[gateway]
+id = "{gateway}"
+state_dir = "{tmp_path / "state"}"
+[[sources]]
+type = "serial"
+name = "bus"
+port = "/dev/null-not-opened"
+[model]
+path = "{model}"
+{model_keys}
+{rest}"""
+    )
+    return cfg

@@ -13,7 +13,7 @@ from pathlib import Path
 import jsonschema
 import paho.mqtt.client as mqtt
 import pytest
-from conftest import Broker
+from conftest import Broker, write_agent_config
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -167,25 +167,12 @@ def test_a_label_keeps_the_alerts_span_and_the_latest_verdict_wins(fresh_db) -> 
 
 
 def _agent(tmp_path: Path, broker: Broker, model: Path) -> Agent:
-    cfg = tmp_path / "ew.toml"
-    cfg.write_text(
-        f"""
-[gateway]
-id = "gw-cmd"
-state_dir = "{tmp_path / "state"}"
-[[sources]]
-type = "serial"
-name = "bus"
-port = "/dev/null-not-opened"
-[model]
-path = "{model}"
-watch_interval_s = 3600
-[uplink.mqtt]
-host = "127.0.0.1"
-port = {broker.port}
-[metrics]
-enabled = false
-"""
+    cfg = write_agent_config(
+        tmp_path,
+        "gw-cmd",
+        model,
+        "watch_interval_s = 3600",
+        f'[uplink.mqtt]\nhost = "127.0.0.1"\nport = {broker.port}\n[metrics]\nenabled = false\n',
     )
     return Agent(load_config(cfg), sources=[])
 

@@ -11,6 +11,7 @@ import jsonschema
 import numpy as np
 import pytest
 import sqlite_utils
+from conftest import write_agent_config
 
 from agent.buffer import Buffer, BufferConfig
 from agent.bundle import InputStats, Manifest, load_bundle
@@ -209,20 +210,12 @@ def test_the_agent_publishes_drift_through_its_outbox_and_follows_a_model_swap(t
 
     model = tmp_path / "model"
     shutil.copytree(ROOT / "models" / "default", model)
-    cfg = tmp_path / "ew.toml"
-    cfg.write_text(
-        f"""
-[gateway]
-id = "gw-drift"
-state_dir = "{tmp_path / "state"}"
-[[sources]]
-type = "serial"
-name = "bus"
-port = "/dev/null-not-opened"
-[model]
-path = "{model}"
-shadow_windows = 0
-[uplink]
+    cfg = write_agent_config(
+        tmp_path,
+        "gw-drift",
+        model,
+        "shadow_windows = 0",
+        """[uplink]
 topic_prefix = "plant"
 [uplink.mqtt]
 host = "127.0.0.1"
@@ -231,7 +224,7 @@ port = 1
 enabled = false
 [drift]
 interval_s = 600
-"""
+""",
     )
     agent = Agent(load_config(cfg), sources=[])
     try:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import jsonschema
 import pytest
+from conftest import write_agent_config
 
 from agent.bundle import Manifest, finalize_bundle, load_bundle
 from agent.config import load_config
@@ -51,27 +52,18 @@ def readings(tmp_path_factory: pytest.TempPathFactory) -> list[Reading]:
 def make_agent(tmp_path: Path, min_agreement: float = 0.9) -> tuple[Agent, Path]:
     model = tmp_path / "model"
     shutil.copytree(ROOT / "models" / "default", model)
-    cfg = tmp_path / "ew.toml"
-    cfg.write_text(
-        f"""
-[gateway]
-id = "gw-roll"
-state_dir = "{tmp_path / "state"}"
-[[sources]]
-type = "serial"
-name = "bus"
-port = "/dev/null-not-opened"
-[model]
-path = "{model}"
-shadow_windows = {N}
-min_agreement = {min_agreement}
-[uplink]
+    cfg = write_agent_config(
+        tmp_path,
+        "gw-roll",
+        model,
+        f"shadow_windows = {N}\nmin_agreement = {min_agreement}",
+        """[uplink]
 enabled = false
 [metrics]
 enabled = false
 [screen]
 enabled = false  # both models score every window, so every shadow window is compared
-"""
+""",
     )
     return Agent(load_config(cfg), sources=[]), model
 

@@ -11,6 +11,7 @@ import threading
 from pathlib import Path
 
 import pytest
+from conftest import write_agent_config
 
 from agent.bundle import Manifest, finalize_bundle, load_bundle
 from agent.config import load_config
@@ -46,24 +47,12 @@ def recording(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def make_agent(tmp_path: Path, model: Path) -> Agent:
-    cfg = tmp_path / "ew.toml"
-    cfg.write_text(
-        f"""
-[gateway]
-id = "gw-svc"
-state_dir = "{tmp_path / "state"}"
-[[sources]]
-type = "serial"
-name = "bus"
-port = "/dev/null-not-opened"
-[model]
-path = "{model}"
-shadow_windows = 0
-[uplink]
-enabled = false
-[metrics]
-enabled = false
-"""
+    cfg = write_agent_config(
+        tmp_path,
+        "gw-svc",
+        model,
+        "shadow_windows = 0",
+        "[uplink]\nenabled = false\n[metrics]\nenabled = false\n",
     )
     return Agent(load_config(cfg), sources=[])
 

@@ -22,7 +22,7 @@ from typing import Any
 import jsonschema
 import pytest
 from agent_proc import MODEL
-from conftest import free_port
+from conftest import free_port, write_agent_config
 from pydantic import ValidationError
 
 from agent import metrics
@@ -761,19 +761,11 @@ def test_the_agent_sends_emitted_events_to_the_webhook_and_flushes_at_shutdown(
 ) -> None:
     from agent.service import Agent
 
-    cfg_file = tmp_path / "ew.toml"
-    cfg_file.write_text(
-        f"""
-[gateway]
-id = "gw-wh"
-state_dir = "{tmp_path / "state"}"
-[[sources]]
-type = "serial"
-name = "bus"
-port = "/dev/null-not-opened"
-[model]
-path = "{MODEL}"
-[uplink]
+    cfg_file = write_agent_config(
+        tmp_path,
+        "gw-wh",
+        MODEL,
+        rest=f"""[uplink]
 enabled = false
 [metrics]
 enabled = false
@@ -783,7 +775,7 @@ url = "{endpoint.url}"
 kinds = ["alert"]
 backoff_min_s = 0.02
 backoff_max_s = 0.1
-"""
+""",
     )
     agent = Agent(load_config(cfg_file), sources=[])
     assert agent.webhook is not None
