@@ -403,3 +403,13 @@ def test_without_a_feature_test_decisions_do_not_depend_on_when_the_screen_start
     # window 40 (every 8th) is scored and anomalous; 41 and 42 are held, scored, anomalous; the hold of
     # 12 windows after 42 keeps 43-54 on the model; 55 is skipped again
     assert all(whole[i - 1] for i in range(40, 55)) and not whole[55 - 1]
+
+
+def test_screen_eval_refuses_bad_arguments_clearly(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from agent.cli import main
+
+    assert main(["eval", "screen", "--model", str(tmp_path / "none"), "--hours", "0.1"]) == 2
+    assert "cannot use the model" in capsys.readouterr().err
+    assert main(["eval", "screen", "--hours", "-1"]) == 2
+    assert main(["eval", "screen", "--repeats", "0"]) == 2
+    assert "--hours must be > 0" in capsys.readouterr().err

@@ -24,6 +24,7 @@ import argparse
 import json
 import logging
 import math
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -32,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from agent.bundle import Bundle, load_bundle
+from agent.bundle import Bundle, BundleError, load_bundle
 from agent.pipeline import StageSettings
 from agent.replay import load_inputs
 from agent.screen import ScreenConfig
@@ -235,11 +236,22 @@ def run_screen_eval(
 
 def run_screen_cli(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
-    run_screen_eval(
-        Path(args.model),
-        Path(args.data) if args.data else None,
-        args.hours,
-        args.repeats,
-        Path(args.out) if args.out else None,
-    )
+    if not (args.hours > 0 and math.isfinite(args.hours)) or args.repeats < 1:
+        print(
+            f"edgewatch eval screen: --hours must be > 0 (got {args.hours}) and --repeats >= 1 "
+            f"(got {args.repeats})",
+            file=sys.stderr,
+        )
+        return 2
+    try:
+        run_screen_eval(
+            Path(args.model),
+            Path(args.data) if args.data else None,
+            args.hours,
+            args.repeats,
+            Path(args.out) if args.out else None,
+        )
+    except BundleError as exc:
+        print(f"edgewatch eval screen: cannot use the model: {exc}", file=sys.stderr)
+        return 2
     return 0
