@@ -20,6 +20,7 @@ import math
 from collections import deque
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from itertools import islice
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
@@ -53,6 +54,10 @@ class _Device:
     rows: deque[tuple[float, ...]] = field(default_factory=deque)
     last_finite: list[float | None] = field(default_factory=list)
     next_k: int | None = None  # smallest window-end grid index not yet evaluated (multiple of stride)
+    # The current run of finite samples on consecutive grid points, ending at the newest sample:
+    # grid index of its first and last sample (run_k0 None: the newest sample is not on the grid).
+    run_k0: int | None = None
+    run_k1: int = 0
 
 
 class Windower:
@@ -75,6 +80,8 @@ class Windower:
         self.period = float(period)
         self.max_gap = float(max_gap)
         self._devices: dict[str, _Device] = {}
+        self._grid_ok = self.period >= 1e-3  # the on-grid shortcuts need periods well above the ms stamps
+        self._on_grid_tol = _ON_GRID_S * min(1.0, self.period)
 
     def devices(self) -> list[str]:
         return sorted(self._devices)
@@ -109,6 +116,7 @@ class Windower:
                 st.ts.clear()
                 st.rows.clear()
                 st.last_finite = [None] * len(self.channels)
+                st.run_k0 = None
         st.ts.append(ts)
         st.rows.append(row)
         period = self.period
@@ -117,7 +125,15 @@ class Windower:
         if math.isfinite(sum(row)):  # a finite sum means every value is finite (the usual reading)
             for c in range(len(last_finite)):
                 last_finite[c] = ts
+            k = round(ts / period)
+            if self._grid_ok and abs(ts - k * period) <= self._on_grid_tol:
+                if st.run_k0 is None or k != st.run_k1 + 1:
+                    st.run_k0 = k
+                st.run_k1 = k
+            else:
+                st.run_k0 = None
         else:
+            st.run_k0 = None
             for c, x in enumerate(row):
                 if math.isfinite(x):
                     last_finite[c] = ts
@@ -146,8 +162,20 @@ class Windower:
         if k > k_done:
             st.next_k = k
             return []
-        grid, vals = self._on_grid(st)
         out: list[Window] = []
+        run_k0 = st.run_k0
+        first_lo = k - self.window + 1
+        if (
+            run_k0 is not None
+            and run_k0 <= first_lo
+            and k_done <= st.run_k1
+            and len(st.rows) - 1 - st.run_k1 + first_lo >= 0  # (eviction keeps it: checked anyway)
+        ):
+            # Every window due lies in the newest on-grid run: its rows are the window as they are.
+            self._emit_from_run(device, st, k, k_done, out)
+            st.next_k = (k_done // self.stride + 1) * self.stride
+            return out
+        grid, vals = self._on_grid(st)
         if grid.size:
             k0 = round(grid[0] / self.period)
             for kk in range(k, k_done + 1, self.stride):
@@ -163,6 +191,20 @@ class Windower:
                     )
         st.next_k = (k_done // self.stride + 1) * self.stride
         return out
+
+    def _emit_from_run(self, device: str, st: _Device, k: int, k_done: int, out: list[Window]) -> None:
+        """Windows ending at k..k_done (on the stride) cut straight from the ring's newest on-grid run.
+
+        Each of their grid points has its own finite sample within `_ON_GRID_S` and no other sample
+        within `agent.resample`'s exact tolerance, so resampling would return those samples unchanged
+        (the same shortcut as `_on_grid`, without building arrays of the whole ring for every window).
+        """
+        period, window, rows = self.period, self.window, st.rows
+        end = len(rows) - 1 - st.run_k1  # ring position of grid index j: end + j
+        for kk in range(k, k_done + 1, self.stride):
+            lo = kk - window + 1
+            block = np.array(list(islice(rows, end + lo, end + kk + 1)), dtype=np.float64)
+            out.append(Window(device, lo * period, kk * period, block.astype(np.float32)))
 
     def _on_grid(self, st: _Device) -> tuple[np.ndarray, np.ndarray]:
         """`resample_to_grid` of the ring, skipping the interpolation in the common case where it is

@@ -77,6 +77,7 @@ def _windows_both_ways(readings: list) -> tuple[list, list]:  # type: ignore[typ
 
     fast = Windower(["a", "b"], window=16, stride=4, period=1.0, max_gap=3.0)
     slow = Windower(["a", "b"], window=16, stride=4, period=1.0, max_gap=3.0)
+    slow._grid_ok = False  # no on-grid shortcut of either kind: every window is resampled
     slow._on_grid = lambda st: resample_to_grid(  # type: ignore[method-assign]
         np.fromiter(st.ts, dtype=np.float64), np.array(st.rows, dtype=np.float64), 1.0, 3.0
     )
@@ -85,12 +86,13 @@ def _windows_both_ways(readings: list) -> tuple[list, list]:  # type: ignore[typ
     return out_fast, out_slow
 
 
-@pytest.mark.parametrize("case", ["on_grid", "jitter", "gaps_and_missing"])
+@pytest.mark.parametrize("case", ["on_grid", "jitter", "gaps_and_missing", "runs"])
 def test_windower_fast_path_cuts_the_same_windows_as_resampling(case: str) -> None:
-    """The bench's windower speed-up (skip interpolation when samples sit on the grid) changes nothing."""
+    """The bench's windower speed-ups (skip interpolation when samples sit on the grid, for the whole
+    ring or for the newest on-grid run) change nothing."""
     from agent.types import Reading
 
-    rng = np.random.default_rng({"on_grid": 1, "jitter": 2, "gaps_and_missing": 3}[case])
+    rng = np.random.default_rng({"on_grid": 1, "jitter": 2, "gaps_and_missing": 3, "runs": 4}[case])
     t0 = 1_764_806_400.0
     readings = []
     t = t0
@@ -98,10 +100,14 @@ def test_windower_fast_path_cuts_the_same_windows_as_resampling(case: str) -> No
         t += 1.0
         if case == "jitter":
             t = round(t0 + i + 1 + rng.uniform(-0.3, 0.3), 3)
+        if case == "runs":  # on-grid runs of 80 after stretches of 40 jittered samples
+            t = t0 + i + 1 + (round(rng.uniform(-0.3, 0.3), 3) if (i // 40) % 3 == 1 else 0.0)
+        if case == "runs" and i % 53 == 9:
+            t += 0.001 if i % 2 else 0.0  # one sample just off the grid inside a run
         if case == "gaps_and_missing" and i % 97 == 50:
             t += float(rng.choice([2.0, 7.0]))  # one bridged, one breaking gap
         values = {"a": float(rng.normal()), "b": float(rng.normal())}
-        if case == "gaps_and_missing" and i % 41 == 7:
+        if case in ("gaps_and_missing", "runs") and i % 41 == 7:
             del values["b"]  # a channel that did not arrive
         readings.append(Reading(device="d1", ts=t, values=values))
     fast, slow = _windows_both_ways(readings)
