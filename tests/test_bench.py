@@ -194,3 +194,28 @@ def test_bench_only_runs_the_named_sections(tmp_path: Path) -> None:
         text=True,
     )
     assert out.returncode == 2 and not (tmp_path / "b.md").exists()
+
+
+def test_iter_readings_sort_equals_the_merge_of_the_files() -> None:
+    """The numpy sort in `iter_readings` yields what a heap merge of the recordings yields: same
+    readings, same order, ties broken by recording order; an unsorted recording keeps its file order."""
+    from agent.recording import Recording, _merged_in_file_order, iter_readings
+
+    rng = np.random.default_rng(5)
+
+    def rec(device: str, ts: list[float], arrived: bool = False) -> Recording:
+        vals = rng.normal(size=(len(ts), 2))
+        vals[::7, 1] = np.nan
+        mask = np.arange(len(ts)) % 5 != 3 if arrived else None  # rows 3, 8, ... never arrived
+        return Recording(device, ["a", "b"], np.array(ts), vals, arrived=mask)
+
+    grid = [float(t) for t in range(100)]
+    recs = [rec("d1", grid), rec("d2", grid[::2], arrived=True), rec("d3", [t + 0.5 for t in grid])]
+    picks = [np.arange(len(r)) if r.arrived is None else np.flatnonzero(r.arrived) for r in recs]
+    fast, heap = list(iter_readings(recs)), list(_merged_in_file_order(recs, picks))
+    assert len(fast) == len(heap) > 200
+    assert [repr(r) for r in fast] == [repr(r) for r in heap]  # repr: NaN != NaN in a dict compare
+    assert [r.device for r in fast if r.ts == 2.0] == ["d1", "d2"]  # a tie: recording order
+    assert not [r for r in fast if r.device == "d2" and r.ts == 6.0]  # its row 3 did not arrive
+    unsorted = [rec("d1", [3.0, 1.0, 2.0])]
+    assert [r.ts for r in iter_readings(unsorted)] == [3.0, 1.0, 2.0]
