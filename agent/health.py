@@ -91,7 +91,7 @@ class HealthMonitor:
         self.config = config
         self.gateway_id = gateway_id
         self._last_seen: dict[str, float] = {}
-        self._runs: dict[tuple[str, str], _Run] = {}
+        self._runs: dict[str, dict[str, _Run]] = {}  # device -> channel -> its current run
         self._offences: dict[tuple[str, str], deque[float]] = {}
         self._open: dict[tuple[str, str | None, str], _Episode] = {}  # (source, channel, kind)
         # A lower bound of `next_due`, kept while only readings of known, non-silent devices arrive
@@ -111,22 +111,24 @@ class HealthMonitor:
             silent = self._open.get((device, None, "silent"))
             if silent is not None:
                 events.append(self._clear(silent, now, "readings resumed"))
-        runs = self._runs
+        runs = self._runs.get(device)
+        if runs is None:
+            runs = self._runs[device] = {}
         eps = self.config.stuck_eps
+        open_ = self._open
         for channel, value in reading.values.items():
             if not math.isfinite(value):
                 continue  # a missing value neither extends nor breaks a run
             # Hot path (per channel per reading), `_observe_value` inlined: the value breaks the run
             # and no episode is open, so the run restarts in place and nothing is emitted.
-            run = runs.get((device, channel))
-            if (
-                run is not None
-                and not max(run.hi, value) - min(run.lo, value) <= eps
-                and (not self._open or (device, channel, "stuck") not in self._open)
-            ):
-                run.lo = run.hi = value
-                run.n = 1
-                continue
+            run = runs.get(channel)
+            if run is not None and (not open_ or (device, channel, "stuck") not in open_):
+                hi, lo = run.hi, run.lo
+                # max(hi, value) - min(lo, value), without the two builtin calls
+                if not (value if value > hi else hi) - (value if value < lo else lo) <= eps:
+                    run.lo = run.hi = value
+                    run.n = 1
+                    continue
             events.extend(self._observe_value(device, channel, value, now))
         return events
 
@@ -214,8 +216,8 @@ class HealthMonitor:
 
     # -- internals ----------------------------------------------------------------------------------
     def _observe_value(self, device: str, channel: str, value: float, now: float) -> list[Event]:
-        key = (device, channel)
-        run = self._runs.get(key)
+        runs = self._runs.setdefault(device, {})
+        run = runs.get(channel)
         if run is not None and max(run.hi, value) - min(run.lo, value) <= self.config.stuck_eps:
             run.lo, run.hi, run.n = min(run.lo, value), max(run.hi, value), run.n + 1
             episode = self._open.get((device, channel, "stuck")) if self._open else None
@@ -229,7 +231,7 @@ class HealthMonitor:
         # Hot path (called per channel per reading): restart the run in place, and skip the episode
         # lookup while nothing is open.
         if run is None:
-            self._runs[key] = _Run(lo=value, hi=value, n=1)
+            runs[channel] = _Run(lo=value, hi=value, n=1)
         else:
             run.lo = run.hi = value
             run.n = 1
