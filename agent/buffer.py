@@ -115,7 +115,8 @@ class Buffer:
     # -- writing --------------------------------------------------------------------------------
     def add(self, reading: Reading) -> None:
         """Queue an accepted reading; written with the next full batch or flush()."""
-        self._readings.append(_reading_row(reading))
+        r = reading  # _reading_row inlined: once per stored reading
+        self._readings.append((r.device, r.ts, r.seq, r.received, values_json(r.values)))
         if len(self._readings) >= self.config.batch_size and self.pending >= self._retry_at:
             self.flush()
 

@@ -58,6 +58,7 @@ class _Device:
     # grid index of its first and last sample (run_k0 None: the newest sample is not on the grid).
     run_k0: int | None = None
     run_k1: int = 0
+    evicted_for: int | None = None  # next_k of the last eviction: until it moves, nothing more can go
 
 
 class Windower:
@@ -116,7 +117,7 @@ class Windower:
                 st.ts.clear()
                 st.rows.clear()
                 st.last_finite = [None] * len(self.channels)
-                st.run_k0 = None
+                st.run_k0 = st.evicted_for = None
         st.ts.append(ts)
         st.rows.append(row)
         period = self.period
@@ -225,8 +226,11 @@ class Windower:
 
     def _evict(self, st: _Device) -> None:
         """Drop samples that can no longer affect any future window (older than its left edge - max_gap)."""
-        if st.next_k is None:  # not reached: every push evaluates and sets next_k
+        if st.next_k is None or st.next_k == st.evicted_for:
+            # None is not reached (every push evaluates and sets next_k). An unchanged next_k means
+            # an unchanged cut-off, which the ring's oldest sample and each last_finite already pass.
             return
+        st.evicted_for = st.next_k
         keep_from = (st.next_k - self.window + 1) * self.period - self.max_gap - _EVICT_MARGIN_S
         while st.ts and st.ts[0] < keep_from:
             st.ts.popleft()
