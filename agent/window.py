@@ -54,10 +54,15 @@ class _Device:
     rows: deque[tuple[float, ...]] = field(default_factory=deque)
     last_finite: list[float | None] = field(default_factory=list)
     next_k: int | None = None  # smallest window-end grid index not yet evaluated (multiple of stride)
-    # The current run of finite samples on consecutive grid points, ending at the newest sample:
-    # grid index of its first and last sample (run_k0 None: the newest sample is not on the grid).
+    # The newest run of finite samples that sit on grid points (holes between them bridged, as any gap
+    # in the ring is <= max_gap): its grid values, computed once per grid point as the samples arrive.
+    # run_k0 = grid index of grid[0] (None: the newest sample is off the grid or not finite); run_k1 =
+    # grid index of the newest sample, run_ts / run_row = that sample.
+    grid: deque[tuple[float, ...]] = field(default_factory=deque)
     run_k0: int | None = None
     run_k1: int = 0
+    run_ts: float = 0.0
+    run_row: tuple[float, ...] = ()
     evicted_for: int | None = None  # next_k of the last eviction: until it moves, nothing more can go
 
 
@@ -128,9 +133,11 @@ class Windower:
                 last_finite[c] = ts
             k = round(ts / period)
             if self._grid_ok and abs(ts - k * period) <= self._on_grid_tol:
-                if st.run_k0 is None or k != st.run_k1 + 1:
-                    st.run_k0 = k
-                st.run_k1 = k
+                if st.run_k0 is not None and k == st.run_k1 + 1:  # the run goes on (`_extend_run`)
+                    st.grid.append(row)
+                    st.run_k1, st.run_ts, st.run_row = k, ts, row
+                else:
+                    self._extend_run(st, k, ts, row)
             else:
                 st.run_k0 = None
         else:
@@ -166,13 +173,9 @@ class Windower:
         out: list[Window] = []
         run_k0 = st.run_k0
         first_lo = k - self.window + 1
-        if (
-            run_k0 is not None
-            and run_k0 <= first_lo
-            and k_done <= st.run_k1
-            and len(st.rows) - 1 - st.run_k1 + first_lo >= 0  # (eviction keeps it: checked anyway)
-        ):
-            # Every window due lies in the newest on-grid run: its rows are the window as they are.
+        run_k0 = st.run_k0
+        if run_k0 is not None and run_k0 <= first_lo and k_done <= st.run_k1:
+            # Every window due lies in the newest on-grid run: cut it from the run's grid values.
             self._emit_from_run(device, st, k, k_done, out)
             st.next_k = (k_done // self.stride + 1) * self.stride
             return out
@@ -193,18 +196,34 @@ class Windower:
         st.next_k = (k_done // self.stride + 1) * self.stride
         return out
 
-    def _emit_from_run(self, device: str, st: _Device, k: int, k_done: int, out: list[Window]) -> None:
-        """Windows ending at k..k_done (on the stride) cut straight from the ring's newest on-grid run.
+    def _extend_run(self, st: _Device, k: int, ts: float, row: tuple[float, ...]) -> None:
+        """Add a finite sample sitting on grid point k to the run's grid values (or start a run).
 
-        Each of their grid points has its own finite sample within `_ON_GRID_S` and no other sample
-        within `agent.resample`'s exact tolerance, so resampling would return those samples unchanged
-        (the same shortcut as `_on_grid`, without building arrays of the whole ring for every window).
+        What `agent.resample` gives these grid points, computed once: a grid point with its own sample
+        within `_ON_GRID_S` is "exact" on it (no other sample lies within the resampler's 1e-6 s), and
+        one in a hole between two run samples is interpolated between them with the same float
+        operations (their gap is <= max_gap, or `push` would have cleared the ring).
         """
-        period, window, rows = self.period, self.window, st.rows
-        end = len(rows) - 1 - st.run_k1  # ring position of grid index j: end + j
+        if st.run_k0 is not None and k > st.run_k1:
+            if k - st.run_k1 > 1:
+                t0, v0, span, period = st.run_ts, st.run_row, ts - st.run_ts, self.period
+                for j in range(st.run_k1 + 1, k):
+                    w = (j * period - t0) / span
+                    st.grid.append(tuple([a + w * (b - a) for a, b in zip(v0, row, strict=True)]))
+        else:
+            st.grid.clear()
+            st.run_k0 = k
+        st.grid.append(row)
+        st.run_k1, st.run_ts, st.run_row = k, ts, row
+
+    def _emit_from_run(self, device: str, st: _Device, k: int, k_done: int, out: list[Window]) -> None:
+        """Windows ending at k..k_done (on the stride), sliced from the run's grid values: no
+        arrays of the whole ring and no interpolation per window."""
+        period, window, grid, k0 = self.period, self.window, st.grid, st.run_k0
+        assert k0 is not None
         for kk in range(k, k_done + 1, self.stride):
             lo = kk - window + 1
-            block = np.array(list(islice(rows, end + lo, end + kk + 1)), dtype=np.float64)
+            block = np.array(list(islice(grid, lo - k0, kk - k0 + 1)), dtype=np.float64)
             out.append(Window(device, lo * period, kk * period, block.astype(np.float32)))
 
     def _on_grid(self, st: _Device) -> tuple[np.ndarray, np.ndarray]:
@@ -231,6 +250,11 @@ class Windower:
             # an unchanged cut-off, which the ring's oldest sample and each last_finite already pass.
             return
         st.evicted_for = st.next_k
+        if st.run_k0 is not None:  # grid points left of every future window's left edge
+            lo_keep = st.next_k - self.window + 1
+            while st.grid and st.run_k0 < lo_keep:
+                st.grid.popleft()
+                st.run_k0 += 1
         keep_from = (st.next_k - self.window + 1) * self.period - self.max_gap - _EVICT_MARGIN_S
         while st.ts and st.ts[0] < keep_from:
             st.ts.popleft()

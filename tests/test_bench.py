@@ -86,13 +86,15 @@ def _windows_both_ways(readings: list) -> tuple[list, list]:  # type: ignore[typ
     return out_fast, out_slow
 
 
-@pytest.mark.parametrize("case", ["on_grid", "jitter", "gaps_and_missing", "runs"])
+@pytest.mark.parametrize("case", ["on_grid", "jitter", "gaps_and_missing", "runs", "holes"])
 def test_windower_fast_path_cuts_the_same_windows_as_resampling(case: str) -> None:
     """The bench's windower speed-ups (skip interpolation when samples sit on the grid, for the whole
     ring or for the newest on-grid run) change nothing."""
     from agent.types import Reading
 
-    rng = np.random.default_rng({"on_grid": 1, "jitter": 2, "gaps_and_missing": 3, "runs": 4}[case])
+    rng = np.random.default_rng(
+        {"on_grid": 1, "jitter": 2, "gaps_and_missing": 3, "runs": 4, "holes": 5}[case]
+    )
     t0 = 1_764_806_400.0
     readings = []
     t = t0
@@ -104,6 +106,8 @@ def test_windower_fast_path_cuts_the_same_windows_as_resampling(case: str) -> No
             t = t0 + i + 1 + (round(rng.uniform(-0.3, 0.3), 3) if (i // 40) % 3 == 1 else 0.0)
         if case == "runs" and i % 53 == 9:
             t += 0.001 if i % 2 else 0.0  # one sample just off the grid inside a run
+        if case == "holes" and rng.random() < 0.08:
+            t += float(rng.choice([1.0, 2.0]))  # SKAB-like: one or two missing seconds, bridged
         if case == "gaps_and_missing" and i % 97 == 50:
             t += float(rng.choice([2.0, 7.0]))  # one bridged, one breaking gap
         values = {"a": float(rng.normal()), "b": float(rng.normal())}
