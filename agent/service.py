@@ -15,6 +15,7 @@ import queue
 import signal
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -52,6 +53,59 @@ from agent.webhook import WebhookSink
 log = logging.getLogger("edgewatch")
 
 Task = Callable[[], None]
+Item = RawMessage | Task
+
+
+class Inbox:
+    """The main loop's queue: raw messages from the sources and tasks from the scheduler, in order.
+
+    Bounded (back-pressure: a full inbox blocks the source thread instead of dropping). Unlike
+    `queue.Queue`, a source puts a whole network read at once (`put_many`) and the main loop takes
+    everything waiting at once (`take`): one lock round and at most one wake-up per burst, not per
+    message. A batch is let in whole once there is room, so the bound can be passed by one batch.
+    """
+
+    def __init__(self, maxsize: int) -> None:
+        self.maxsize = maxsize
+        self._items: deque[Item] = deque()
+        self._lock = threading.Lock()
+        self._not_empty = threading.Condition(self._lock)
+        self._not_full = threading.Condition(self._lock)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def put(self, item: Item, block: bool = True) -> None:
+        """Append one item; waits for room (or raises `queue.Full` with `block=False`)."""
+        with self._not_full:
+            while len(self._items) >= self.maxsize:
+                if not block:
+                    raise queue.Full
+                self._not_full.wait()
+            self._items.append(item)
+            self._not_empty.notify()
+
+    def put_nowait(self, item: Item) -> None:
+        self.put(item, block=False)
+
+    def put_many(self, items: list[RawMessage]) -> None:
+        """Append a source's batch in order; waits while the inbox is full."""
+        with self._not_full:
+            while len(self._items) >= self.maxsize:
+                self._not_full.wait()
+            self._items.extend(items)
+            self._not_empty.notify()
+
+    def take(self, timeout: float) -> list[Item]:
+        """Everything waiting, oldest first; waits up to `timeout` when there is nothing (then [])."""
+        with self._not_empty:
+            if not self._items and timeout > 0:
+                self._not_empty.wait(timeout)
+            items = list(self._items)
+            self._items.clear()
+            if items:
+                self._not_full.notify_all()
+            return items
 
 
 def bundle_fingerprint(path: Path) -> tuple[tuple[str, int, int], ...] | None:
@@ -77,7 +131,7 @@ class Agent:
     def __init__(self, config: AgentConfig, *, sources: list[Source] | None = None) -> None:
         self.config = config
         self.started = time.time()
-        self.queue: queue.Queue[RawMessage | Task] = queue.Queue(maxsize=100_000)
+        self.queue = Inbox(maxsize=100_000)
         self._stop = threading.Event()
         self.notifier = Notifier()
 
@@ -387,6 +441,10 @@ class Agent:
         # Blocks the source thread when the pipeline falls behind: back-pressure, not silent loss.
         self.queue.put(msg)
 
+    def _sink_many(self, msgs: list[RawMessage]) -> None:
+        """A source's whole network read in one hand-off (blocks like `_sink` when full)."""
+        self.queue.put_many(msgs)
+
     def _schedule(self) -> None:
         sc = self.config.scheduler
         add = self.scheduler.add_job
@@ -446,7 +504,7 @@ class Agent:
         if self.commands is not None:
             self.commands.start(self._command_sink)
         for source in self.sources:
-            source.start(self._sink)
+            source.start(self._sink, self._sink_many)
         self._schedule()
         self.scheduler.start()
         log.info(
@@ -459,12 +517,9 @@ class Agent:
         self.notifier.ready(f"model {self.bundle.model_id}")
         try:
             while not self._stop.is_set():
-                try:
-                    item = self.queue.get(timeout=0.5)
-                except queue.Empty:
-                    self.notifier.watchdog()  # idle but the loop turns: that is progress
-                    continue
-                self._handle(item)
+                # Everything waiting at once; idle, the loop still turns twice a second (watchdog).
+                for item in self.queue.take(timeout=0.5):
+                    self._handle(item)
                 self.notifier.watchdog()
         finally:
             self.shutdown()
@@ -498,11 +553,9 @@ class Agent:
                 log.exception("stopping source %s", getattr(source, "name", source))
         if self.scheduler.running:
             self.scheduler.shutdown(wait=False)
-        while True:
-            try:
-                self._handle(self.queue.get_nowait())
-            except queue.Empty:
-                break
+        while items := self.queue.take(timeout=0):
+            for item in items:
+                self._handle(item)
         self.pipeline.buffer.flush()
         self.pipeline.thresholder.save()
         self.pipeline.alerts.save()

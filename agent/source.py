@@ -12,6 +12,7 @@ import contextlib
 import logging
 import select
 import socket
+import ssl
 import threading
 import time
 from collections.abc import Callable
@@ -28,6 +29,9 @@ from agent.types import RawMessage
 log = logging.getLogger(__name__)
 
 Sink = Callable[[RawMessage], None]
+# Takes every message of one network read at once: one hand-off (and one wake-up of the consumer) per
+# burst instead of one per message.
+BatchSink = Callable[[list[RawMessage]], None]
 
 # Most PUBLISH packets the MQTT source reads per wake-up before it writes their PUBACKs and looks at the
 # socket again (bounds the PUBACK delay under a flood; one wake-up per message otherwise).
@@ -35,6 +39,9 @@ READ_BATCH = 256
 # Longest sleep of the MQTT source's thread: paces paho's keepalive bookkeeping; traffic and stop() wake
 # it at once.
 IDLE_WAIT_S = 1.0
+# Bytes the MQTT source asks the kernel for per recv(): many PUBLISH packets at once (paho alone reads
+# each packet with three recv() calls: its type byte, its length, its body).
+RECV_CHUNK = 65536
 
 
 @runtime_checkable
@@ -43,7 +50,10 @@ class Source(Protocol):
 
     name: str
 
-    def start(self, sink: Sink) -> None: ...
+    def start(self, sink: Sink, sink_many: BatchSink | None = None) -> None:
+        """Hand every message to `sink`, or, where the source reads several at once and `sink_many`
+        is given, each such group to `sink_many` in one call (same order)."""
+        ...
 
     def stop(self) -> None: ...
 
@@ -136,7 +146,8 @@ class SerialSource:
     def connected(self) -> bool:
         return self._port is not None
 
-    def start(self, sink: Sink) -> None:
+    def start(self, sink: Sink, sink_many: BatchSink | None = None) -> None:
+        """Lines go to `sink` one by one (a serial line arrives alone); `sink_many` is not used."""
         if self._thread is not None:
             raise RuntimeError(f"source {self.name} already started")
         self._stop.clear()
@@ -213,15 +224,75 @@ class SerialSource:
             # else: a read timeout in the middle of a line; keep collecting
 
 
+class _BufferedSocket:
+    """The MQTT source's socket as paho sees it: reads in large chunks, and gathers writes on demand.
+
+    paho reads a packet with three recv() calls (type byte, remaining length, body), each a system call
+    that also drops and retakes the GIL, so the main loop and the source thread trade the GIL three
+    times per reading. Here one recv() of up to RECV_CHUNK bytes feeds many packets from memory. While
+    `gather` is on, send() only collects (paho's PUBACKs of one batch) and `flush()` writes them in
+    one send(). Everything else is the wrapped socket's (plain or TLS). Bytes held here are invisible
+    to select(), so `pending()` counts them, as an SSL socket's own does.
+    """
+
+    def __init__(self, sock: socket.socket) -> None:
+        self._sock = sock
+        self._rbuf = b""
+        self._rpos = 0
+        self._out = bytearray()
+        self.gather = False
+
+    def __getattr__(self, name: str) -> object:  # fileno, setsockopt, close, ... of the real socket
+        return getattr(self._sock, name)
+
+    def recv(self, bufsize: int) -> bytes:
+        if self._rpos >= len(self._rbuf):
+            data = self._sock.recv(max(bufsize, RECV_CHUNK))  # EAGAIN / SSLWantRead go to paho as before
+            if len(data) <= bufsize:
+                return data  # also b"" at EOF
+            self._rbuf, self._rpos = data, 0
+        start = self._rpos
+        self._rpos = min(start + bufsize, len(self._rbuf))
+        return self._rbuf[start : self._rpos]
+
+    def pending(self) -> int:
+        inner = self._sock.pending() if hasattr(self._sock, "pending") else 0
+        return len(self._rbuf) - self._rpos + inner
+
+    def send(self, data: bytes | bytearray | memoryview) -> int:
+        if self.gather:
+            self._out += data
+            return len(data)
+        if self._out:  # keep the order behind what is still waiting
+            self._out += data
+            self.flush()
+            return len(data)
+        return self._sock.send(data)
+
+    @property
+    def unsent(self) -> int:
+        return len(self._out)
+
+    def flush(self) -> None:
+        """Write what was gathered; a part the kernel does not take now stays for the next flush()."""
+        while self._out:
+            try:
+                n = self._sock.send(self._out)
+            except (BlockingIOError, ssl.SSLWantWriteError, ssl.SSLWantReadError):
+                return
+            del self._out[:n]
+
+
 class MqttSource:
     """Subscribes to `<prefix>/+/telemetry` with a persistent session; resubscribes on every connect.
 
     The source runs paho's network loop in its own thread rather than `loop_start()`, for the cost per
     message: paho's threaded loop reads one packet per select() and, for every PUBACK it queues, writes
     a byte to its wake-up socketpair and goes round select() again (two extra syscalls and a wake-up per
-    reading). Here one wake-up reads every packet already waiting (up to READ_BATCH), then writes their
-    PUBACKs together (corked into one TCP segment when there are several). A PUBACK still goes out only
-    after its message was handed to the sink, as before; reconnects keep the same client and session.
+    reading). Here one wake-up reads every packet already waiting (up to READ_BATCH) through one large
+    recv() (`_BufferedSocket`), hands them to the sink (with `sink_many`, in one call), then writes
+    their PUBACKs together in one send(). A PUBACK still goes out only after its message was handed to
+    the sink, as before; reconnects keep the same client and session.
     """
 
     def __init__(self, config: MqttSourceConfig, topic: str | None = None) -> None:
@@ -240,17 +311,21 @@ class MqttSource:
         self._wake_r: socket.socket | None = None
         self._wake_w: socket.socket | None = None
         self._up = False  # the current connection got its CONNACK (resets the backoff when it ends)
+        self._batch: list[RawMessage] | None = None  # messages of the current read, with sink_many
+        self._sink_many: BatchSink | None = None
+        self._now = 0.0  # gateway clock at the current network read (received time of its batch)
 
     @property
     def subscribed(self) -> threading.Event:
         """Set once the broker has acknowledged the subscription of the current connection."""
         return self._subscribed
 
-    def start(self, sink: Sink) -> None:
+    def start(self, sink: Sink, sink_many: BatchSink | None = None) -> None:
         if self._client is not None:
             raise RuntimeError(f"source {self.name} already started")
         client = make_client(self.config.mqtt, self.client_id, clean_start=False)
         topic, qos = self.topic, self.config.qos
+        self._sink_many = sink_many
 
         def on_connect(c: mqtt.Client, userdata: object, flags: mqtt.ConnectFlags, rc, props) -> None:
             if rc.is_failure:
@@ -276,6 +351,10 @@ class MqttSource:
 
         def on_message(c: mqtt.Client, userdata: object, msg: mqtt.MQTTMessage) -> None:
             self.messages += 1
+            batch = self._batch
+            if batch is not None:  # handed over with the rest of this read, before their PUBACKs
+                batch.append(RawMessage(bytes(msg.payload), "mqtt", msg.topic, self._now))
+                return
             try:
                 sink(RawMessage(bytes(msg.payload), "mqtt", msg.topic, time.time()))
             except Exception:  # an exception from a callback would end the network loop
@@ -360,19 +439,25 @@ class MqttSource:
     def _serve(self, client: mqtt.Client) -> None:
         """One connection: wait for traffic or stop(); read what is waiting, then write what is queued."""
         wake = self._wake_r
+        raw = client.socket()
+        if raw is None:
+            return
+        # paho keeps its socket in `_sock` and uses only recv/send/close/fileno/pending of it.
+        sock = raw if isinstance(raw, _BufferedSocket) else _BufferedSocket(raw)
+        client._sock = sock
         while True:
-            sock = client.socket()
-            if sock is None:
+            if client.socket() is not sock:
                 return
             if self._stop.is_set():
+                sock.flush()
                 client.disconnect()
                 client.loop_write()  # sends DISCONNECT; paho closes the socket after it
                 return
-            # An SSL socket may hold decrypted bytes select() cannot see: then do not wait.
-            pending = sock.pending() if hasattr(sock, "pending") else 0
+            # Bytes already read (or decrypted by SSL) are invisible to select(): then do not wait.
+            pending = sock.pending()
             readable = bool(pending)
             if not pending:
-                wlist = [sock] if client.want_write() else []
+                wlist = [sock] if client.want_write() or sock.unsent else []
                 try:
                     ready = select.select(
                         [sock, wake] if wake is not None else [sock], wlist, [], IDLE_WAIT_S
@@ -384,35 +469,59 @@ class MqttSource:
                     with contextlib.suppress(OSError):  # BlockingIOError once drained
                         while wake.recv(4096):
                             pass
-            read = 0
-            if readable:
-                for _ in range(READ_BATCH):
-                    before = self.messages
-                    if client.loop_read() != mqtt.MQTT_ERR_SUCCESS or client.socket() is None:
-                        return
-                    if self.messages == before:  # nothing more waiting (or a non-PUBLISH packet)
-                        break
-                    read += 1
-            if client.want_write() and not self._write(client, sock, cork=read > 1):
+            if readable and not self._read(client):
+                return
+            if (client.want_write() or sock.unsent) and not self._write(client, sock):
                 return
             if client.loop_misc() != mqtt.MQTT_ERR_SUCCESS:  # keepalive: PINGREQ, or the link is dead
                 return
             if client.is_connected():
                 self._up = True
 
-    @staticmethod
-    def _write(client: mqtt.Client, sock: socket.socket, *, cork: bool) -> bool:
-        """Write every queued packet; several PUBACKs leave in one TCP segment (Linux TCP_CORK)."""
-        cork = cork and hasattr(socket, "TCP_CORK")
-        if cork:
-            with contextlib.suppress(OSError):
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_CORK, 1)
+    def _read(self, client: mqtt.Client) -> bool:
+        """Read the packets waiting (up to READ_BATCH messages); False when the connection is gone.
+
+        With `sink_many` the messages go to it in one call after the reads, also when the connection
+        dropped half-way: they were read, so they are handed over (the broker may send them again,
+        and the validator drops the duplicates, as when each went to the sink on its own)."""
+        many = self._sink_many
+        batch: list[RawMessage] = []
+        if many is not None:
+            self._now = time.time()  # one clock read per network read: the messages arrived together
+            self._batch = batch
+        ok = True
         try:
-            return client.loop_write() == mqtt.MQTT_ERR_SUCCESS and client.socket() is not None
+            for _ in range(READ_BATCH):
+                before = self.messages
+                if client.loop_read() != mqtt.MQTT_ERR_SUCCESS or client.socket() is None:
+                    ok = False
+                    break
+                if self.messages == before:  # nothing more waiting (or a non-PUBLISH packet)
+                    break
         finally:
-            if cork:
-                with contextlib.suppress(OSError):
-                    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_CORK, 0)
+            self._batch = None
+            if batch and many is not None:
+                try:
+                    many(batch)
+                except Exception:  # a bug downstream must not end the network loop
+                    log.exception("MQTT source %s: error handling %d messages", self.name, len(batch))
+        return ok
+
+    @staticmethod
+    def _write(client: mqtt.Client, sock: _BufferedSocket) -> bool:
+        """Write every queued packet (PUBACKs of a batch, SUBSCRIBE, PINGREQ) in one send()."""
+        sock.gather = True
+        try:
+            rc = client.loop_write()
+        finally:
+            sock.gather = False
+        if rc != mqtt.MQTT_ERR_SUCCESS or client.socket() is None:
+            return False
+        try:
+            sock.flush()
+        except OSError:
+            return False
+        return True
 
 
 def _ignore_socket_callback(client: mqtt.Client, userdata: object, sock: object) -> None:
