@@ -29,6 +29,13 @@ class Collector:
             self.items.append(msg)
             self.cond.notify_all()
 
+    def many(self, msgs: list[RawMessage]) -> None:
+        """The batch sink (`sink_many`): a source's whole network read in one call."""
+        with self.cond:
+            self.batches = getattr(self, "batches", 0) + 1
+            self.items.extend(msgs)
+            self.cond.notify_all()
+
     def wait_for(self, n: int, timeout: float = 10.0) -> list[RawMessage]:
         with self.cond:
             assert self.cond.wait_for(lambda: len(self.items) >= n, timeout), f"got {len(self.items)} of {n}"

@@ -139,6 +139,65 @@ def test_burst_arrives_in_order_and_every_message_is_acknowledged(broker) -> Non
         again.stop()
 
 
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("protocol", ["3.1.1", "5"])
+@pytest.mark.parametrize("qos", [0, 1])
+def test_batched_reads_keep_every_payload_topic_and_order(broker, protocol: str, qos: int) -> None:
+    """The source cuts PUBLISH packets itself (topic, packet id, MQTT 5 properties skipped) out of large
+    reads and hands each read to `sink_many`: every payload must arrive byte for byte, on its topic, in
+    order, across packet sizes whose remaining length takes 1 to 2 bytes and reads that end mid-packet;
+    at QoS 1 every message must be acknowledged (nothing redelivered to the same session)."""
+    from paho.mqtt.packettypes import PacketTypes
+    from paho.mqtt.properties import Properties
+
+    n = 600
+    payloads = [telemetry(f"pump-{i % 7:02d}", i) + b" " * (i * 7 % 4000) for i in range(n)]
+    src = source_for(broker, qos=qos)
+    src.config.mqtt.protocol = protocol
+    got = Collector()
+    src.start(got, got.many)
+    conn = MqttConnectionConfig(host=broker.host, port=broker.port)  # MQTT 5 publisher: properties on
+    pub = make_client(conn, "test-pub-batched", clean_start=True)
+    ready = threading.Event()
+    pub.on_connect = lambda *a: ready.set()
+    pub.loop_start()
+    try:
+        assert src.subscribed.wait(10) and ready.wait(10)
+        props = Properties(PacketTypes.PUBLISH)
+        props.UserProperty = ("fw", "1.2.3")
+        props.ContentType = "application/json"
+        infos = [
+            pub.publish(f"edgewatch/sensors/pump-{i % 7:02d}/telemetry", p, qos=1, properties=props)
+            for i, p in enumerate(payloads)
+        ]
+        for info in infos:
+            info.wait_for_publish(20)
+        msgs = got.wait_for(n, timeout=30)
+        assert [m.payload for m in msgs] == payloads
+        assert [m.origin for m in msgs] == [f"edgewatch/sensors/pump-{i % 7:02d}/telemetry" for i in range(n)]
+        assert all(m.kind == "mqtt" and m.received > 0 for m in msgs)
+        assert got.batches < n  # reads were handed over in groups, not one call per message
+    finally:
+        pub.disconnect()
+        pub.loop_stop()
+        src.stop()
+    if qos == 1:
+        again = source_for(broker, qos=qos)
+        again.config.mqtt.protocol = protocol
+        got2 = Collector()
+        again.start(got2, got2.many)
+        try:
+            assert again.subscribed.wait(10)
+            publish(broker, "edgewatch/sensors/pump-01/telemetry", telemetry("pump-01", n))  # a marker
+            got2.wait_for(1)
+            time.sleep(0.3)
+            assert [json.loads(m.payload)["seq"] for m in got2.items] == [n], (
+                "unacknowledged messages redelivered"
+            )
+        finally:
+            again.stop()
+
+
 @pytest.mark.timeout(30)
 def test_stop_while_the_broker_is_unreachable_ends_the_thread(broker) -> None:
     src = source_for(broker)
