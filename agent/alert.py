@@ -19,7 +19,7 @@ import sqlite_utils
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from agent import metrics
-from agent.db import read_state, state_row
+from agent.db import read_state, state_row, upsert_rows
 from agent.types import Event, Judgement, Score
 
 log = logging.getLogger(__name__)
@@ -225,10 +225,8 @@ class AlertManager:
         if not dirty and not self._pending_rows:
             return
         with self.db.atomic():
-            for row in self._pending_rows.values():
-                self.db["alerts"].upsert(row, pk="alert_id")
-            for device, dev in dirty:
-                self._write_state(device, dev)
+            upsert_rows(self.db, "alerts", list(self._pending_rows.values()), pk="alert_id")
+            upsert_rows(self.db, "state", [self._state_row(device, dev) for device, dev in dirty], pk="key")
         self._pending_rows.clear()
         for _, dev in dirty:
             dev.dirty = False
@@ -358,15 +356,15 @@ class AlertManager:
             self._devices[device] = dev
         return dev
 
-    def _write_state(self, device: str, dev: _Device) -> None:
-        assert self.db is not None
+    @staticmethod
+    def _state_row(device: str, dev: _Device) -> dict[str, object]:
         state = {
             "v": 1,
             "recent": [list(r) for r in dev.recent],
             "alert": asdict(dev.alert) if dev.alert is not None else None,
             "cooldown_until": dev.cooldown_until,
         }
-        self.db["state"].upsert(state_row(f"{_KEY_PREFIX}{device}", state), pk="key")
+        return state_row(f"{_KEY_PREFIX}{device}", state)
 
     def _restore(self) -> None:
         assert self.db is not None

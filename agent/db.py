@@ -183,6 +183,34 @@ def state_row(key: str, value: object) -> dict[str, object]:
     return {"key": key, "value_json": json.dumps(value), "updated": time.time()}
 
 
+_UPSERT_SQL: dict[tuple[str, tuple[str, ...], str], str] = {}
+
+
+def upsert_rows(db: sqlite_utils.Database, table: str, rows: list[dict[str, object]], pk: str) -> None:
+    """Insert `rows`, or update the given columns of the row with the same `pk`: what
+    ``db[table].upsert_all(rows, pk=pk)`` leaves in the table, as cached ``INSERT ... ON CONFLICT``.
+
+    For the hot writers (alert state after every alert event): sqlite-utils' upsert reads the schema
+    (table names, columns) on every call, ~10x the cost of the write itself. Rows are whole rows (every
+    NOT NULL column given; unlike sqlite-utils, no partial updates), keys = columns of the existing
+    `table`, whose primary key is `pk`.
+    """
+    for row in rows:
+        cols = tuple(row)
+        key = (table, cols, pk)
+        sql = _UPSERT_SQL.get(key)
+        if sql is None:
+            names = ", ".join(f'"{c}"' for c in cols)
+            sets = ", ".join(f'"{c}" = excluded."{c}"' for c in cols if c != pk)
+            action = f"UPDATE SET {sets}" if sets else "NOTHING"
+            sql = (
+                f'INSERT INTO "{table}" ({names}) VALUES ({", ".join("?" * len(cols))}) '
+                f'ON CONFLICT("{pk}") DO {action}'
+            )
+            _UPSERT_SQL[key] = sql
+        db.conn.execute(sql, tuple(row.values()))
+
+
 def read_state(db: sqlite_utils.Database, prefix: str) -> list[tuple[str, str]]:
     """(key without `prefix`, JSON text) of every `state` row whose key starts with `prefix`."""
     rows = db.execute(

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from agent.buffer import Buffer, BufferConfig
-from agent.db import open_db
+from agent.db import open_db, upsert_rows
 from agent.types import Judgement, Reading, Score
 
 T0 = 1_764_806_400.0
@@ -189,3 +189,34 @@ def test_values_json_is_exactly_what_the_json_encoder_writes() -> None:
         assert values_json(c) == ref(c), c
     with pytest.raises(TypeError):
         values_json({"a": np.float32(0.1)})  # as the encoder itself: not JSON serializable
+
+
+def test_upsert_rows_leaves_what_sqlite_utils_upsert_leaves(tmp_path: Path) -> None:
+    """The alert writer's cached INSERT ... ON CONFLICT must match sqlite-utils' upsert row for row:
+    new keys inserted, existing keys updated, untouched keys kept."""
+    first = [
+        {"alert_id": "a", "device": "p1", "kind": "anomaly", "state": "open", "opened_ts": 1.0,
+         "updated_ts": 1.0, "resolved_ts": None, "peak": 2.0, "payload_json": "{}"},
+        {"alert_id": "b", "device": "p2", "kind": "anomaly", "state": "open", "opened_ts": 3.0,
+         "updated_ts": 3.0, "resolved_ts": None, "peak": 5.0, "payload_json": "{}"},
+    ]  # fmt: skip
+    second = [
+        {"alert_id": "a", "device": "p1", "kind": "anomaly", "state": "resolved", "opened_ts": 1.0,
+         "updated_ts": 9.0, "resolved_ts": 9.0, "peak": 7.5, "payload_json": '{"n": 2}'},
+        {"alert_id": "c", "device": "p3", "kind": "anomaly", "state": "open", "opened_ts": 4.0,
+         "updated_ts": 4.0, "resolved_ts": None, "peak": 1.0, "payload_json": "{}"},
+    ]  # fmt: skip
+    tables = []
+    for use_ours in (True, False):
+        db = open_db(tmp_path / f"{use_ours}.db")
+        for rows in (first, second):
+            with db.atomic():
+                if use_ours:
+                    upsert_rows(db, "alerts", rows, pk="alert_id")
+                else:
+                    db["alerts"].upsert_all(rows, pk="alert_id")
+        tables.append(db.execute("SELECT * FROM alerts ORDER BY alert_id").fetchall())
+        db.conn.close()
+    assert tables[0] == tables[1]
+    assert [r[0] for r in tables[0]] == ["a", "b", "c"]
+    assert tables[0][0][3] == "resolved" and tables[0][1][3] == "open"  # a updated, b kept
