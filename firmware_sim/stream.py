@@ -72,8 +72,9 @@ def line_payloads(chunk: Chunk, seed: int, device: int) -> list[bytes | None]:
 
 
 def json_rows(chunk: Chunk, seed: int, device: int) -> list[WireRow | bytes | None]:
-    """A chunk's readings for batch payloads: a row to encode, None for dropout, and for garbage the
-    same corrupt payload `json_payloads` sends (it travels alone: it is not a reading)."""
+    """A chunk's readings for MQTT (`group_payloads` encodes them, singly or in batches): a row per
+    reading, None for dropout, and for garbage the corrupted single-form payload, as bytes (it always
+    travels alone: it is not a reading)."""
     out: list[WireRow | bytes | None] = []
     rows = zip(
         chunk.seq.tolist(),
