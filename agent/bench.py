@@ -555,21 +555,40 @@ def _publish_all(c: Any, msgs: list[tuple[str, int, str, bytes]]) -> float:
     return time.perf_counter() - t0
 
 
-def bench_ingest(quick: bool, tmp: Path) -> list[Row]:
-    """Sustained ingest with zero loss: N readings published at QoS 1 as fast as possible."""
-    secs = 300 if quick else 10_000
-    recs = _record(tmp / "ingest.csv", "--devices", "10", "--duration", str(secs), "--scenario", "normal")
-    start_ms = int((time.time() - secs - 60) * 1000)
-    msgs = _payloads(recs, start_ms)
-    n = len(msgs)
+def _batch_payloads(recs: list[Any], start_ms: int, size: int) -> list[tuple[str, int, str, bytes]]:
+    """The readings of `_payloads` (same seq, ts and values), `size` consecutive readings of a device
+    per batch payload; messages in the time order of their first reading, so each device's order holds."""
+    from firmware_sim.wire import encode_json_batch
+
+    t0 = min(float(r.ts[0]) for r in recs)
+    out = []
+    for r in recs:
+        dev = r.device
+        rows = []
+        for i in range(len(r)):
+            if r.arrived is not None and not r.arrived[i]:
+                continue
+            t, v, p = (float(x) for x in r.values[i])
+            rows.append((i, start_ms + round((float(r.ts[i]) - t0) * 1000), t, v, p))
+        for k in range(0, len(rows), size):
+            part = rows[k : k + size]
+            out.append((dev, part[0][1], f"edgewatch/sensors/{dev}/telemetry", encode_json_batch(dev, part)))
+    out.sort(key=lambda x: (x[1], x[0]))
+    return out
+
+
+def _ingest_once(tmp: Path, msgs: list[tuple[str, int, str, bytes]], n: int, name: str) -> dict[str, Any]:
+    """One ingest measurement on a fresh broker: `msgs` (carrying `n` readings) published with nobody
+    subscribed (the reference), then the same messages into `edgewatch run` until all n are accepted
+    or nothing moved for 15 s. Rates are in readings/s."""
     broker = _Broker(tmp)
     try:
-        c = _publisher(broker.port, "bench-pub-alone")
+        c = _publisher(broker.port, f"bench-pub-alone-{name}")
         pub_alone = n / _publish_all(c, msgs)  # nobody subscribed: the publisher + broker alone
         c.loop_stop()
         c.disconnect()
-        with _agent(tmp, broker, "ingest") as (_proc, mport):
-            c = _publisher(broker.port, "bench-pub")
+        with _agent(tmp, broker, name) as (_proc, mport):
+            c = _publisher(broker.port, f"bench-pub-{name}")
             t0 = time.perf_counter()
             _publish_all(c, msgs)
             last, last_change, t_done = -1.0, time.perf_counter(), None
@@ -588,20 +607,56 @@ def bench_ingest(quick: bool, tmp: Path) -> list[Row]:
         broker.stop()
     accepted = int(last)
     elapsed = (t_done or last_change) - t0
-    rate = accepted / elapsed
+    return {
+        "rate": accepted / elapsed,
+        "pub_alone": pub_alone,
+        "accepted": accepted,
+        "rejected": int(rejected),
+    }
+
+
+INGEST_BATCH = 10  # readings per batch payload in the second ingest row
+
+
+def bench_ingest(quick: bool, tmp: Path) -> list[Row]:
+    """Sustained ingest with zero loss: N readings published at QoS 1 as fast as possible, one reading
+    per message, then the same readings in batch payloads of INGEST_BATCH (each on its own broker and
+    agent, so the second run inherits no session, queue or stored readings from the first)."""
+    secs = 300 if quick else 10_000
+    recs = _record(tmp / "ingest.csv", "--devices", "10", "--duration", str(secs), "--scenario", "normal")
+    start_ms = int((time.time() - secs - 60) * 1000)
+    msgs = _payloads(recs, start_ms)
+    n = len(msgs)
+    single = _ingest_once(tmp, msgs, n, "ingest")
+    batches = _batch_payloads(recs, start_ms, INGEST_BATCH)
+    batched = _ingest_once(tmp, batches, n, "ingest-batch")
     return [
         Row(
             "live",
             f"MQTT ingest through mosquitto, {n:,} readings (10 devices, QoS 1), sustained",
-            rate,
+            single["rate"],
             "readings/s",
             reference="paho publisher alone (same messages, QoS 1, 100 in flight)",
-            ref_value=pub_alone,
-            ratio=rate / pub_alone,
+            ref_value=single["pub_alone"],
+            ratio=single["rate"] / single["pub_alone"],
             goal=">= 20k readings/s, zero loss",
-            met=rate >= 20_000 and accepted == n,
-            note=f"accepted {accepted:,} of {n:,}, rejected {int(rejected)}; windows scored as the default config does (cheap screen on)",
-        )
+            met=single["rate"] >= 20_000 and single["accepted"] == n,
+            note=f"accepted {single['accepted']:,} of {n:,}, rejected {single['rejected']}; windows scored as the default config does (cheap screen on)",
+        ),
+        Row(
+            "live",
+            f"MQTT ingest through mosquitto, {n:,} readings in batch payloads of {INGEST_BATCH} "
+            "(10 devices, QoS 1), sustained",
+            batched["rate"],
+            "readings/s",
+            reference="paho publisher alone (same batch messages, QoS 1, 100 in flight)",
+            ref_value=batched["pub_alone"],
+            ratio=batched["rate"] / batched["pub_alone"],
+            goal=">= 20k readings/s, zero loss",
+            met=batched["rate"] >= 20_000 and batched["accepted"] == n,
+            note=f"{len(batches):,} messages; accepted {batched['accepted']:,} of {n:,}, rejected "
+            f"{batched['rejected']}; same readings as the row above",
+        ),
     ]
 
 

@@ -12,6 +12,7 @@ import logging
 import math
 import re
 import zlib
+from collections.abc import Iterable
 
 from agent.types import RawMessage, Reading, Reject
 
@@ -19,7 +20,9 @@ log = logging.getLogger(__name__)
 
 SERIAL_CHANNELS: tuple[str, ...] = ("temperature", "vibration", "pressure")
 MAX_LINE_BYTES = 256  # including the "\n" terminator
-MAX_JSON_BYTES = 4096
+MAX_JSON_BYTES = 4096  # a single-reading MQTT payload
+MAX_PAYLOAD_BYTES = 65536  # any MQTT payload, checked before decoding (a batch may use all of it)
+MAX_BATCH = 1000  # readings in one batch payload
 MAX_SEQ = 2**32 - 1
 MAX_TS_MS = 2**53  # beyond this a float cannot hold the millisecond exactly
 MAX_CHANNEL_NAME = 64
@@ -33,7 +36,10 @@ _NUM_RE = re.compile(_NUM)
 _INT_RE = re.compile(r"[-+]?\d+")
 _MAGIC_RE = re.compile(r"EW(\d+),")
 _CRC_RE = re.compile(r"[0-9A-F]{8}")
-_JSON_KEYS = frozenset(("v", "device", "seq", "ts", "values"))
+_JSON_KEYS = frozenset(("v", "device", "seq", "ts", "values"))  # the single-reading form
+_BATCH_KEYS = frozenset(("v", "device", "batch"))  # the batch form
+_ELEMENT_KEYS = frozenset(("seq", "ts", "values"))  # one reading of a batch
+_SHAPES = "{v, device, seq, ts, values} (one reading) or {v, device, batch} (a batch)"
 
 
 def _reject(reason: str, detail: str, raw: bytes, device: str | None = None) -> Reject:
@@ -110,11 +116,11 @@ def _is_int(x: object) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
 
 
-def parse_json(payload: bytes, topic: str, received: float) -> Reading | Reject:
-    """One MQTT telemetry payload from `topic` (``<prefix>/<device>/telemetry``) -> Reading or Reject."""
-    if len(payload) > MAX_JSON_BYTES:
+def _decode(payload: bytes, topic: str) -> dict | Reject:
+    """Size cap, UTF-8, JSON syntax and "is an object": the checks every payload shape shares."""
+    if len(payload) > MAX_PAYLOAD_BYTES:
         return _reject(
-            "too_long", f"payload of {len(payload)} bytes on {topic} (max {MAX_JSON_BYTES})", payload
+            "too_long", f"payload of {len(payload)} bytes on {topic} (max {MAX_PAYLOAD_BYTES})", payload
         )
     try:
         text = payload.decode("utf-8")
@@ -126,11 +132,17 @@ def parse_json(payload: bytes, topic: str, received: float) -> Reading | Reject:
         return _reject("syntax", f"invalid JSON on {topic}: {str(e)[:80]}", payload)
     if not isinstance(doc, dict):
         return _reject("schema", f"payload is a JSON {type(doc).__name__}, not an object", payload)
-    keys = doc.keys()
-    if keys != _JSON_KEYS:
-        missing = sorted(_JSON_KEYS - keys)
-        extra = sorted(k[:40] for k in keys - _JSON_KEYS)
-        return _reject("schema", f"keys: missing {missing}, unexpected {extra}", payload)
+    return doc
+
+
+def _key_mismatch(keys: Iterable[str], expected: frozenset[str]) -> str:
+    missing = sorted(expected - set(keys))
+    extra = sorted(k[:40] for k in set(keys) - expected)
+    return f"missing {missing}, unexpected {extra}"
+
+
+def _header(doc: dict, topic: str, payload: bytes) -> str | Reject:
+    """`v` and `device` (and the device's topic level), shared by both shapes: the device, or why not."""
     v = doc["v"]
     if not _is_int(v):
         return _reject("schema", f"v must be an integer, got {type(v).__name__}", payload)
@@ -142,41 +154,158 @@ def parse_json(payload: bytes, topic: str, received: float) -> Reading | Reject:
     parts = topic.split("/")
     if len(parts) < 2 or parts[-2] != device:
         return _reject("schema", f"device {device!r} does not match topic {topic[:120]!r}", payload, device)
-    seq, ts_ms = doc["seq"], doc["ts"]
+    return device
+
+
+def _reading(el: dict, device: str, received: float, raw: bytes, where: str = "") -> Reading | Reject:
+    """`seq`, `ts` and `values` of one reading: the single form's top level, or one batch element.
+
+    One function for both, so a reading is judged by the same rules whichever shape carried it;
+    `where` (``"batch[3]: "``) only prefixes the detail so a batch reject names its element.
+    """
+    seq, ts_ms = el["seq"], el["ts"]
     for name, x, limit in (("seq", seq, MAX_SEQ), ("ts", ts_ms, MAX_TS_MS)):
         if not _is_int(x):
-            return _reject("schema", f"{name} must be an integer, got {type(x).__name__}", payload, device)
+            return _reject("schema", f"{where}{name} must be an integer, got {type(x).__name__}", raw, device)
         if not 0 <= x <= limit:
-            return _reject("schema", f"{name} out of range 0..{limit}", payload, device)
-    raw_values = doc["values"]
+            return _reject("schema", f"{where}{name} out of range 0..{limit}", raw, device)
+    raw_values = el["values"]
     if not isinstance(raw_values, dict) or not raw_values:
-        return _reject("schema", "values must be a non-empty object", payload, device)
+        return _reject("schema", f"{where}values must be a non-empty object", raw, device)
     values: dict[str, float] = {}
     for name, x in raw_values.items():
         if not name or len(name) > MAX_CHANNEL_NAME:
-            return _reject("schema", f"channel name {name[:40]!r} empty or too long", payload, device)
+            return _reject("schema", f"{where}channel name {name[:40]!r} empty or too long", raw, device)
         if x is None:
-            values[name] = math.nan
+            values[name] = math.nan  # null = no valid value: NaN, never 0
         elif isinstance(x, float) or _is_int(x):
             try:
                 values[name] = float(x)
             except OverflowError:
-                return _reject("schema", f"{name} value too large for a float", payload, device)
+                return _reject("schema", f"{where}{name} value too large for a float", raw, device)
         else:
             return _reject(
-                "schema", f"{name} must be a number or null, got {type(x).__name__}", payload, device
+                "schema", f"{where}{name} must be a number or null, got {type(x).__name__}", raw, device
             )
     return Reading(device=device, ts=ts_ms / 1000.0, values=values, seq=seq, received=received)
 
 
-def parse(msg: RawMessage) -> Reading | Reject:
-    """Dispatch on the source kind. Never raises: an unexpected parser error becomes a Reject."""
+def _element_raw(el: object, payload: bytes) -> bytes:
+    """The bad element itself for the reject's log excerpt (the payload's head is other readings)."""
+    try:
+        return json.dumps(el, separators=(",", ":"))[:RAW_KEEP].encode("utf-8", "replace")
+    except (ValueError, TypeError, RecursionError):
+        return payload
+
+
+def _batch(doc: dict, device: str, received: float, payload: bytes, topic: str) -> list[Reading | Reject]:
+    """The elements of a batch payload in order: each one a Reading or its own Reject."""
+    batch = doc["batch"]
+    if not isinstance(batch, list):
+        return [_reject("schema", f"batch must be an array, got {type(batch).__name__}", payload, device)]
+    if not 1 <= len(batch) <= MAX_BATCH:
+        return [
+            _reject(
+                "schema", f"batch of {len(batch)} readings on {topic[:120]} (1..{MAX_BATCH})", payload, device
+            )
+        ]
+    out: list[Reading | Reject] = []
+    for i, el in enumerate(batch):
+        where = f"batch[{i}]: "
+        if not isinstance(el, dict):
+            out.append(
+                _reject(
+                    "schema",
+                    f"{where}a JSON {type(el).__name__}, not an object",
+                    _element_raw(el, payload),
+                    device,
+                )
+            )
+        elif el.keys() != _ELEMENT_KEYS:
+            out.append(
+                _reject(
+                    "schema",
+                    f"{where}keys: {_key_mismatch(el.keys(), _ELEMENT_KEYS)}",
+                    _element_raw(el, payload),
+                    device,
+                )
+            )
+        else:
+            item = _reading(el, device, received, payload, where)
+            if isinstance(item, Reject):
+                item.raw = _element_raw(el, payload)
+            out.append(item)
+    return out
+
+
+def parse_json_many(payload: bytes, topic: str, received: float) -> list[Reading | Reject]:
+    """One MQTT telemetry payload from `topic` (``<prefix>/<device>/telemetry``), single or batch form,
+    -> its readings in order. A bad batch element is one Reject in its place; a payload that fails as
+    a whole (size, UTF-8, JSON, keys, version, device, batch shape) is one Reject for all of it."""
+    doc = _decode(payload, topic)
+    if isinstance(doc, Reject):
+        return [doc]
+    keys = doc.keys()
+    if keys == _JSON_KEYS:
+        if len(payload) > MAX_JSON_BYTES:  # the single form keeps its own, smaller cap
+            return [
+                _reject(
+                    "too_long",
+                    f"single-reading payload of {len(payload)} bytes on {topic} (max {MAX_JSON_BYTES})",
+                    payload,
+                )
+            ]
+        device = _header(doc, topic, payload)
+        if isinstance(device, Reject):
+            return [device]
+        return [_reading(doc, device, received, payload)]
+    if keys == _BATCH_KEYS:
+        device = _header(doc, topic, payload)
+        if isinstance(device, Reject):
+            return [device]
+        return _batch(doc, device, received, payload, topic)
+    if "batch" in keys:
+        detail = f"keys: {_key_mismatch(keys, _BATCH_KEYS)} (batch form)"
+    else:
+        detail = f"keys: {_key_mismatch(keys, _JSON_KEYS)}"
+    detail += f"; a payload has exactly {_SHAPES}"
+    return [_reject("schema", detail, payload)]
+
+
+def parse_json(payload: bytes, topic: str, received: float) -> Reading | Reject:
+    """One payload that must carry one reading (the single form, or a batch of one element).
+
+    For callers that handle exactly one reading per message (tests, tools); the agent itself uses
+    `parse_json_many`. A batch of several readings is refused here rather than cut to its first.
+    """
+    items = parse_json_many(payload, topic, received)
+    if len(items) == 1:
+        return items[0]
+    return _reject(
+        "schema", f"batch of {len(items)} readings where one was expected (use parse_json_many)", payload
+    )
+
+
+def parse_many(msg: RawMessage) -> list[Reading | Reject]:
+    """Dispatch on the source kind: every reading a message carries, in order (a serial line and a
+    single-form payload carry one; a batch payload up to MAX_BATCH). Never raises: an unexpected
+    parser error becomes one Reject for the message."""
     try:
         if msg.kind == "serial":
-            return parse_line(msg.payload, msg.origin, msg.received)
+            return [parse_line(msg.payload, msg.origin, msg.received)]
         if msg.kind == "mqtt":
-            return parse_json(msg.payload, msg.origin, msg.received)
-        return _reject("schema", f"unknown message kind {msg.kind!r}", msg.payload)
+            return parse_json_many(msg.payload, msg.origin, msg.received)
+        return [_reject("schema", f"unknown message kind {msg.kind!r}", msg.payload)]
     except Exception as e:  # a bug, not bad input: keep running, but say so loudly
         log.exception("parser error on input from %s", msg.origin)
-        return _reject("syntax", f"parser error: {type(e).__name__}", msg.payload)
+        return [_reject("syntax", f"parser error: {type(e).__name__}", msg.payload)]
+
+
+def parse(msg: RawMessage) -> Reading | Reject:
+    """A message that must carry one reading (tests, tools); see `parse_json` for a batch payload."""
+    items = parse_many(msg)
+    if len(items) == 1:
+        return items[0]
+    return _reject(
+        "schema", f"batch of {len(items)} readings where one was expected (use parse_many)", msg.payload
+    )

@@ -20,7 +20,7 @@ from agent.alert import AlertConfig, AlertManager
 from agent.buffer import Buffer, BufferConfig
 from agent.bundle import Bundle
 from agent.health import HealthConfig, HealthMonitor
-from agent.parse import parse
+from agent.parse import parse_many
 from agent.score import Scorer
 from agent.screen import Screen, ScreenConfig, make_screen
 from agent.threshold import ThresholdConfig, Thresholder, make_thresholder
@@ -81,14 +81,29 @@ class Pipeline:
         self.screen = screen  # agent.screen: None = every window is scored
 
     # -- inputs ---------------------------------------------------------------------------------
-    def process_raw(self, msg: RawMessage) -> None:
-        """A line or payload as it came off the wire."""
-        item = parse(msg)
-        if isinstance(item, Reject):
-            self.validator.note_reject(item)  # counted by reason, logged at a rate limit
-            self._rejected(item, msg.origin, msg.received)
-            return
-        self.process_reading(item, now=msg.received, origin=msg.origin)
+    def process_raw(self, msg: RawMessage, on_error: Callable[[Exception], None] | None = None) -> None:
+        """A line or payload as it came off the wire: each reading it carries (a batch payload has
+        several) goes through the stages exactly as if it had come alone, with the message's
+        `received` time. A reading whose processing raises does not cost the readings after it:
+        `on_error` gets the exception and the loop goes on (what the service does per message);
+        without `on_error` the first exception is raised once the whole message is processed."""
+        first: Exception | None = None
+        for item in parse_many(msg):
+            try:
+                if isinstance(item, Reject):
+                    self.validator.note_reject(item)  # counted by reason, logged at a rate limit
+                    self._rejected(item, msg.origin, msg.received)
+                else:
+                    self.process_reading(item, now=msg.received, origin=msg.origin)
+            except Exception as exc:
+                if on_error is not None:
+                    on_error(exc)
+                elif first is None:
+                    first = exc
+                else:
+                    log.error("another error in the same message from %s", msg.origin, exc_info=exc)
+        if first is not None:
+            raise first
 
     def process_reading(self, reading: Reading, *, now: float | None = None, origin: str = "") -> None:
         """A parsed reading (live sources after parsing, or replay straight from a recording)."""

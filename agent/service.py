@@ -528,20 +528,27 @@ class Agent:
     def _handle(self, item: RawMessage | Task) -> None:
         try:
             if isinstance(item, RawMessage):
-                self.pipeline.process_raw(item)
+                # Per reading: a failure in one reading of a batch payload is handled (rolled back,
+                # logged) before the next one, as if each reading had come in its own message.
+                self.pipeline.process_raw(item, on_error=self._failed)
             else:
                 item()
-        except ScoringError as exc:
-            if self._probation is not None:
-                self._rollback(str(exc))
-            else:
-                log.exception("error while scoring")
-                metrics.DB_ERRORS.labels("pipeline").inc()
-        except Exception:  # one bad input or job must not take the gateway down
-            log.exception("error while processing %s", type(item).__name__)
-            metrics.DB_ERRORS.labels("pipeline").inc()
+        except Exception as exc:
+            self._failed(exc, type(item).__name__)
         if self.pipeline.shadow is not None or self._probation is not None:
             self._rollout_step()
+
+    def _failed(self, exc: Exception, what: str = "RawMessage") -> None:
+        """A reading or job raised: a new model that fails to score is rolled back; anything else is
+        logged and counted, and the loop goes on (one bad input or job must not take the gateway down)."""
+        if isinstance(exc, ScoringError):
+            if self._probation is not None:
+                self._rollback(str(exc))
+                return
+            log.error("error while scoring", exc_info=exc)
+        else:
+            log.error("error while processing %s", what, exc_info=exc)
+        metrics.DB_ERRORS.labels("pipeline").inc()
 
     def shutdown(self) -> None:
         """Stop sources first, finish what is queued, persist state, then let the uplink drain."""

@@ -122,7 +122,22 @@ def _run_mqtt(args: argparse.Namespace) -> int:
     from firmware_sim.stream import run_mqtt
 
     cfg = _config(args, stream_start_ms(args), args.duration)
-    return run_mqtt(cfg, _scenario(cfg), broker=args.broker, prefix=args.prefix, qos=args.qos)
+    return run_mqtt(
+        cfg, _scenario(cfg), broker=args.broker, prefix=args.prefix, qos=args.qos, batch=args.batch
+    )
+
+
+def _batch_size(text: str) -> int:
+    """--batch: 1..MAX_SIM_BATCH, checked before anything connects."""
+    from firmware_sim.stream import MAX_SIM_BATCH
+
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if not 1 <= n <= MAX_SIM_BATCH:
+        raise argparse.ArgumentTypeError(f"must be 1..{MAX_SIM_BATCH}, got {n}")
+    return n
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -170,11 +185,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         epilog="examples:\n"
         "  edgewatch sim mqtt --broker 127.0.0.1:1883 --seed 3 --devices 3\n"
         "  edgewatch sim mqtt --broker gw:1883 --prefix plant1/sensors --speed 60 --scenario mixed --qos 0\n"
+        "  edgewatch sim mqtt --broker 127.0.0.1:1883 --devices 10 --rate 100 --batch 10\n"
         "Topic: <prefix>/<device>/telemetry, payload per docs/protocol.md.",
     )
     m.add_argument("--broker", required=True, metavar="HOST:PORT", help="MQTT broker address")
     m.add_argument("--prefix", default="edgewatch/sensors", help="topic prefix (default edgewatch/sensors)")
     m.add_argument("--qos", type=int, choices=(0, 1), default=1, help="MQTT QoS (default 1)")
+    m.add_argument(
+        "--batch",
+        type=_batch_size,
+        default=1,
+        metavar="N",
+        help="up to N readings of a device per message (batch payload, 1..500; default 1 = one "
+        "reading per message); a message never waits for a later pacing tick",
+    )
     _stream_common(m)
     m.set_defaults(handler=_run_mqtt)
 

@@ -20,13 +20,23 @@ import time
 import tty
 from collections import deque
 from collections.abc import Callable, Iterator
+from typing import TypeVar
 
 from firmware_sim.config import SimConfig
 from firmware_sim.pump import WIRE_DROPOUT, WIRE_GARBAGE, Chunk, fleet
 from firmware_sim.scenario import Scenario
-from firmware_sim.wire import encode_json, encode_line, garbage_line, garbage_payload, garbage_rng
+from firmware_sim.wire import (
+    WireRow,
+    encode_json,
+    encode_json_batch,
+    encode_line,
+    garbage_line,
+    garbage_payload,
+    garbage_rng,
+)
 
-Encoder = Callable[[Chunk, int, int], list[bytes | None]]
+T = TypeVar("T")
+MAX_SIM_BATCH = 500  # readings per batch payload: 500 of ours stay well below the 64 KiB cap
 
 
 def _payloads(
@@ -61,15 +71,70 @@ def line_payloads(chunk: Chunk, seed: int, device: int) -> list[bytes | None]:
     return _payloads(chunk, seed, device, encode_line, garbage_line)
 
 
-def json_payloads(chunk: Chunk, seed: int, device: int) -> list[bytes | None]:
-    """MQTT payloads of a chunk, with the same dropout/garbage rules as serial."""
-    return _payloads(chunk, seed, device, encode_json, garbage_payload)
+def json_rows(chunk: Chunk, seed: int, device: int) -> list[WireRow | bytes | None]:
+    """A chunk's readings for MQTT (`group_payloads` encodes them, singly or in batches): a row per
+    reading, None for dropout, and for garbage the corrupted single-form payload, as bytes (it always
+    travels alone: it is not a reading)."""
+    out: list[WireRow | bytes | None] = []
+    rows = zip(
+        chunk.seq.tolist(),
+        chunk.ts_ms.tolist(),
+        chunk.temperature.tolist(),
+        chunk.vibration.tolist(),
+        chunk.pressure.tolist(),
+        chunk.wire.tolist(),
+        strict=True,
+    )
+    for seq, ts, t, v, p, w in rows:
+        if w == WIRE_DROPOUT:
+            out.append(None)
+        elif w == WIRE_GARBAGE:
+            valid = encode_json(chunk.device, seq, ts, t, v, p)
+            out.append(garbage_payload(garbage_rng(seed, device, seq), valid))
+        else:
+            out.append((seq, ts, t, v, p))
+    return out
+
+
+def group_payloads(tick: list[tuple[str, WireRow | bytes]], batch: int) -> list[tuple[str, bytes]]:
+    """One pacing tick's readings as MQTT payloads (device, bytes).
+
+    batch = 1: one single-form payload per reading, in order (the classic stream). batch > 1: up to
+    `batch` consecutive readings of a device per batch payload; whatever is left at the end of the
+    tick is sent then, so no reading waits for a later tick. A garbage payload goes out on its own,
+    after the device's readings that came before it, so each device's order is kept.
+    """
+    out: list[tuple[str, bytes]] = []
+    pending: dict[str, list[WireRow]] = {}
+
+    def flush(device: str) -> None:
+        rows = pending.pop(device, None)
+        if rows:
+            out.append((device, encode_json_batch(device, rows)))
+
+    for device, item in tick:
+        if isinstance(item, bytes):
+            flush(device)
+            out.append((device, item))
+        elif batch == 1:
+            out.append((device, encode_json(device, *item)))
+        else:
+            rows = pending.setdefault(device, [])
+            rows.append(item)
+            if len(rows) >= batch:
+                flush(device)
+    for device in list(pending):
+        flush(device)
+    return out
 
 
 def paced_batches(
-    cfg: SimConfig, scenario: Scenario, encode: Encoder, stop: threading.Event
-) -> Iterator[list[tuple[str, bytes]]]:
-    """Yield (device, payload) batches as they fall due in wall time, until duration or stop."""
+    cfg: SimConfig,
+    scenario: Scenario,
+    encode: Callable[[Chunk, int, int], list[T | None]],
+    stop: threading.Event,
+) -> Iterator[list[tuple[str, T]]]:
+    """Yield (device, item) batches as they fall due in wall time, until duration or stop."""
     per_wall_second = cfg.rate * cfg.speed
     wall0 = time.monotonic()
     base = 0  # sample index of the current block's first sample
@@ -194,14 +259,18 @@ def run_mqtt(
     prefix: str = "edgewatch/sensors",
     qos: int = 1,
     connect_timeout: float = 30.0,
+    batch: int = 1,
 ) -> int:
-    """Publish one JSON message per reading to `<prefix>/<device>/telemetry`.
+    """Publish telemetry JSON to `<prefix>/<device>/telemetry`: one message per reading, or with
+    `batch` > 1 up to that many readings of a device per message (see `group_payloads`).
 
     paho's network thread reconnects by itself after a broker restart; QoS 1 messages published
     meanwhile are queued in memory and delivered after the reconnect.
     """
     import paho.mqtt.client as mqtt
 
+    if not 1 <= batch <= MAX_SIM_BATCH:
+        raise ValueError(f"batch must be 1..{MAX_SIM_BATCH}, got {batch}")
     host, port = _parse_broker(broker)
     stop = _install_stop()
     connected = threading.Event()
@@ -234,11 +303,12 @@ def run_mqtt(
                 print(f"edgewatch sim mqtt: cannot connect to {host}:{port}", file=sys.stderr)
                 return 1
         pending: deque[mqtt.MQTTMessageInfo] = deque()
-        sent = 0
-        for batch in paced_batches(cfg, scenario, json_payloads, stop):
-            for device, payload in batch:
+        sent = readings = 0
+        for tick in paced_batches(cfg, scenario, json_rows, stop):
+            readings += sum(not isinstance(item, bytes) for _, item in tick)
+            for device, payload in group_payloads(tick, batch):
                 pending.append(client.publish(f"{prefix}/{device}/telemetry", payload, qos=qos))
-            sent += len(batch)
+                sent += 1
             while pending and pending[0].is_published():
                 pending.popleft()
         end = time.monotonic() + 10.0  # let queued messages reach the broker before disconnecting
@@ -248,7 +318,7 @@ def run_mqtt(
             else:
                 time.sleep(0.01)
         lost = f", {len(pending)} not confirmed by the broker" if pending else ""
-        print(f"edgewatch sim mqtt: published {sent} messages{lost}", file=sys.stderr)
+        print(f"edgewatch sim mqtt: published {sent} messages ({readings} readings){lost}", file=sys.stderr)
         return 0
     finally:
         closing.set()

@@ -9,12 +9,17 @@ from __future__ import annotations
 import json
 import math
 import zlib
+from collections.abc import Sequence
 
 import numpy as np
 
 MAGIC = "EW1"
 DECIMALS = {"temperature": 2, "vibration": 3, "pressure": 3}
 SEQ_MOD = 2**32
+MAX_BATCH = 1000  # readings per batch payload (agent.parse.MAX_BATCH)
+MAX_BATCH_BYTES = 65536  # bytes per MQTT payload (agent.parse.MAX_PAYLOAD_BYTES)
+
+WireRow = tuple[int, int, float, float, float]  # seq, ts_ms, temperature, vibration, pressure
 
 
 def format_value(x: float, decimals: int) -> str:
@@ -39,13 +44,9 @@ def _json_value(x: float, decimals: int) -> float | None:
     return None if math.isnan(x) else round(float(x), decimals) + 0.0
 
 
-def encode_json(
-    device: str, seq: int, ts_ms: int, temperature: float, vibration: float, pressure: float
-) -> bytes:
-    """One MQTT telemetry payload (UTF-8 JSON); NaN becomes null."""
-    msg = {
-        "v": 1,
-        "device": device,
+def _json_reading(seq: int, ts_ms: int, temperature: float, vibration: float, pressure: float) -> dict:
+    """seq, ts and values of one reading: the single payload's keys and a batch element alike."""
+    return {
         "seq": int(seq) % SEQ_MOD,
         "ts": int(ts_ms),
         "values": {
@@ -54,7 +55,29 @@ def encode_json(
             "pressure": _json_value(pressure, 3),
         },
     }
+
+
+def encode_json(
+    device: str, seq: int, ts_ms: int, temperature: float, vibration: float, pressure: float
+) -> bytes:
+    """One MQTT telemetry payload (UTF-8 JSON); NaN becomes null."""
+    msg = {"v": 1, "device": device, **_json_reading(seq, ts_ms, temperature, vibration, pressure)}
     return json.dumps(msg, separators=(",", ":")).encode("utf-8")
+
+
+def encode_json_batch(device: str, readings: Sequence[WireRow]) -> bytes:
+    """One MQTT batch payload: several readings of one device, in the given order; NaN becomes null.
+
+    Refuses what the decoder would reject as a whole (no reading, more than MAX_BATCH, over
+    MAX_BATCH_BYTES), so a caller finds out here rather than from a counter on the gateway.
+    """
+    if not 1 <= len(readings) <= MAX_BATCH:
+        raise ValueError(f"a batch holds 1..{MAX_BATCH} readings, got {len(readings)}")
+    msg = {"v": 1, "device": device, "batch": [_json_reading(*r) for r in readings]}
+    out = json.dumps(msg, separators=(",", ":")).encode("utf-8")
+    if len(out) > MAX_BATCH_BYTES:
+        raise ValueError(f"batch payload of {len(out)} bytes (max {MAX_BATCH_BYTES}): send fewer readings")
+    return out
 
 
 def garbage_rng(seed: int, device: int, seq: int) -> np.random.Generator:

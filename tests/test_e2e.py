@@ -10,8 +10,10 @@ import sqlite3
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
+import paho.mqtt.client as mqtt
 import pytest
 from agent_proc import (
     EDGEWATCH,
@@ -24,7 +26,9 @@ from agent_proc import (
     stop,
     write_config,
 )
-from conftest import Broker
+from conftest import Broker, free_port
+
+from firmware_sim.wire import encode_json_batch
 
 
 @pytest.mark.timeout(180)
@@ -163,3 +167,65 @@ def test_garbage_on_the_wire_is_a_health_event(
     assert not list(schema("health").iter_errors(event))
     assert event["device"] in (pty, "pump-01"), event  # unparseable lines are attributed to the port
     assert stop(agent) == 0
+
+
+@pytest.mark.timeout(120)
+def test_mqtt_batch_with_one_bad_element_stores_the_rest_and_counts_one_reject(
+    broker: Broker, tmp_path: Path, procs: list[subprocess.Popen]
+) -> None:
+    """A batch payload of N readings, one malformed, through mosquitto into `edgewatch run`: N-1
+    readings land in SQLite in order, and exactly one reject is counted, by its reason."""
+    mport = free_port()
+    source = (
+        '[[sources]]\ntype = "mqtt"\nname = "plant"\n'
+        f'[sources.mqtt]\nhost = "127.0.0.1"\nport = {broker.port}\n'
+    )
+    cfg = write_config(tmp_path / "ew.toml", tmp_path / "state", broker, source)
+    cfg.write_text(
+        cfg.read_text().replace(
+            "[metrics]\nenabled = false", f'[metrics]\nenabled = true\nhost = "127.0.0.1"\nport = {mport}'
+        )
+    )
+    agent = start_agent(cfg, tmp_path / "agent.log")
+    procs.append(agent)
+
+    def metric(name: str) -> dict[str, float]:
+        text = urllib.request.urlopen(f"http://127.0.0.1:{mport}/metrics", timeout=5).read().decode()
+        return {
+            line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
+            for line in text.splitlines()
+            if line.startswith(name) and "_created" not in line
+        }
+
+    deadline = time.monotonic() + 30
+    while "MQTT source plant connected" not in (tmp_path / "agent.log").read_text():
+        assert time.monotonic() < deadline and agent.poll() is None, (tmp_path / "agent.log").read_text()
+        time.sleep(0.05)
+    time.sleep(0.5)  # the subscription follows the CONNACK
+    n = 20
+    t0 = int(time.time() * 1000) - 60_000
+    rows = [(i, t0 + 1000 * i, 41.0 + i / 100, 2.0, 3.2) for i in range(n)]
+    payload = encode_json_batch("pump-01", rows)
+    assert b'"seq":7,' in payload
+    payload = payload.replace(b'"seq":7,', b'"seq":-7,')  # element 7 breaks a schema rule
+    pub = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="test-batch-pub")
+    pub.connect(broker.host, broker.port)
+    pub.loop_start()
+    try:
+        pub.publish("edgewatch/sensors/pump-01/telemetry", payload, qos=1).wait_for_publish(10)
+        deadline = time.monotonic() + 20
+        while sum(metric("edgewatch_readings_accepted_total").values()) < n - 1:
+            assert time.monotonic() < deadline, metric("edgewatch_readings")
+            time.sleep(0.1)
+        time.sleep(0.3)  # nothing else may follow
+        rejected = {k: v for k, v in metric("edgewatch_readings_rejected_total").items() if v}
+        assert rejected == {'edgewatch_readings_rejected_total{reason="schema"}': 1.0}
+        assert sum(metric("edgewatch_readings_accepted_total").values()) == n - 1
+    finally:
+        pub.loop_stop()
+        pub.disconnect()
+    assert stop(agent) == 0, (tmp_path / "agent.log").read_text()[-2000:]
+    assert "batch[7]: seq out of range" in (tmp_path / "agent.log").read_text()  # the logged reject
+    with sqlite3.connect(tmp_path / "state" / "edgewatch.db") as db:
+        stored = db.execute("SELECT seq, ts FROM readings WHERE device = 'pump-01' ORDER BY rowid").fetchall()
+    assert stored == [(i, (t0 + 1000 * i) / 1000) for i in range(n) if i != 7]

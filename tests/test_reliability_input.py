@@ -32,7 +32,7 @@ from hypothesis import strategies as st
 
 from agent.bundle import load_bundle
 from agent.db import open_db
-from agent.parse import MAX_JSON_BYTES, MAX_LINE_BYTES, parse_json, parse_line
+from agent.parse import MAX_JSON_BYTES, MAX_LINE_BYTES, MAX_PAYLOAD_BYTES, parse_json, parse_line
 from agent.pipeline import Pipeline, StageSettings, build_pipeline
 from agent.types import RawMessage, Reading, Reject
 
@@ -73,9 +73,10 @@ def test_serial_non_ascii_with_a_valid_crc_is_an_encoding_reject(junk: bytes) ->
 
 @settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
-    st.integers(min_value=MAX_JSON_BYTES + 1, max_value=16 * 2**20), st.sampled_from([b"{", b"x", b"\xff"])
+    st.integers(min_value=MAX_PAYLOAD_BYTES + 1, max_value=16 * 2**20), st.sampled_from([b"{", b"x", b"\xff"])
 )
 def test_enormous_payloads_are_refused_by_size_first(size: int, fill: bytes) -> None:
+    """Over the 64 KiB payload cap (the batch form's; docs/protocol.md, size rule) nothing is decoded."""
     r = parse_json(fill * size, TOPIC, 0.0)
     assert isinstance(r, Reject) and r.reason == "too_long"
     r = parse_line(b"EW1," + fill * size + b"\n", "p", 0.0)
@@ -234,6 +235,57 @@ def test_mixed_fuzz_through_the_pipeline_matches_expectations(tmp_path: Path) ->
     stored = pipeline.buffer.db.execute("SELECT count(*) FROM readings").fetchone()[0]
     assert stored == pipeline.stats.accepted
     assert pipeline.stats.windows > 0  # scoring went on through the junk
+
+
+def test_a_batch_payload_goes_through_the_pipeline_like_its_readings_one_by_one(tmp_path: Path) -> None:
+    """Each reading of a batch is validated, buffered, windowed and scored as if it had come alone:
+    the same readings as single messages and as batches of 50 (with a duplicate, an older timestamp,
+    a NaN and a malformed element among them) give the same counts, stored rows and scores."""
+    t0, received = 1764806400, 1764806400 + 3600.0
+    rnd = random.Random(7)
+    docs: list[dict] = []
+    for i in range(300):
+        values = {
+            "temperature": round(rnd.uniform(38, 44), 2),
+            "vibration": round(rnd.uniform(1.5, 3.0), 3),
+            "pressure": round(rnd.uniform(3.0, 3.4), 3),
+        }
+        docs.append({"seq": i, "ts": (t0 + i) * 1000, "values": values})
+    docs[40] = dict(docs[39])  # duplicate
+    docs[41] = dict(docs[41], ts=(t0 + 10) * 1000)  # older than the last accepted
+    docs[42] = dict(docs[42], values={**docs[42]["values"], "vibration": None})  # NaN, never 0
+    docs[43] = dict(docs[43], seq=-5)  # malformed: a parse reject of this reading alone
+    runs = []
+    for name, size in (("single", 1), ("batch", 50)):
+        pipeline, events = make_pipeline(tmp_path / f"{name}.db")
+        scores: list = []
+        pipeline._on_judgement = lambda j, scores=scores: scores.append((j.score.end_ts, j.score.error))
+        for k in range(0, len(docs), size):
+            part = docs[k : k + size]
+            doc = (
+                {"v": 1, "device": "pump-01", **part[0]}
+                if size == 1
+                else {"v": 1, "device": "pump-01", "batch": part}
+            )
+            pipeline.process_raw(RawMessage(json.dumps(doc).encode(), "mqtt", TOPIC, received))
+        pipeline.buffer.flush()
+        rows = pipeline.buffer.db.execute(
+            "SELECT device, ts, seq, received, values_json FROM readings ORDER BY rowid"
+        ).fetchall()
+        runs.append(
+            (
+                pipeline.stats.accepted,
+                dict(pipeline.stats.rejected),
+                rows,
+                scores,
+                [e.payload for e in events],
+            )
+        )
+        pipeline.buffer.db.conn.close()
+    single, batched = runs
+    assert single[0] == 296 and single[1] == {"duplicate": 1, "out_of_order": 1, "nan": 1, "schema": 1}
+    assert single[3], "windows must be scored for the comparison to mean anything"
+    assert batched == single
 
 
 def test_timestamps_duplicate_out_of_order_future_and_a_gateway_clock_jumping_back(tmp_path: Path) -> None:

@@ -8,6 +8,7 @@ import json
 import shutil
 import subprocess
 import sys
+import time
 from importlib import resources
 from pathlib import Path
 
@@ -19,7 +20,8 @@ from agent.bundle import Manifest, finalize_bundle, load_bundle
 from agent.config import load_config
 from agent.recording import iter_readings, read_recording
 from agent.service import Agent
-from agent.types import Reading
+from agent.types import Judgement, RawMessage, Reading
+from firmware_sim.wire import encode_json_batch
 
 ROOT = Path(__file__).resolve().parents[1]
 EDGEWATCH = str(Path(sys.executable).parent / "edgewatch")
@@ -174,6 +176,43 @@ def test_a_model_that_fails_after_promotion_is_rolled_back(tmp_path: Path, readi
     n = agent.pipeline.stats.windows
     feed(agent, readings[1000:1100])
     assert agent.pipeline.stats.windows > n and agent.pipeline.scorer.model_id == old
+    agent.shutdown()
+
+
+def test_a_promoted_model_failing_inside_a_batch_payload_is_rolled_back_before_the_next_reading(
+    tmp_path: Path, readings: list[Reading]
+) -> None:
+    """The readings of one batch payload are handled as if each came alone: the reading whose window
+    breaks the promoted model rolls it back at once, and the later readings of the same message are
+    scored by the previous model (not lost to the same failure)."""
+    agent, model = make_agent(tmp_path, min_agreement=0.0)
+    old = agent.bundle.model_id
+    feed(agent, readings[:600])
+    sc = agent.bundle.manifest.scaler
+    new = new_bundle(model, scaler=sc.model_copy(update={"scale": [1e-37, *sc.scale[1:]]}))
+    agent.check_model()
+    feed(agent, readings[600:900])
+    assert agent.bundle.model_id == new, agent.status()["rollout"]
+    hot = readings[900]
+    spike = Reading(hot.device, hot.ts, {**hot.values, "temperature": sc.center[0] + 60.0})
+    part = [spike, *readings[901:1000]]
+    rows = [
+        (900 + k, round(r.ts * 1000), r.values["temperature"], r.values["vibration"], r.values["pressure"])
+        for k, r in enumerate(part)
+    ]
+    msg = RawMessage(
+        encode_json_batch(hot.device, rows), "mqtt", f"edgewatch/sensors/{hot.device}/telemetry", time.time()
+    )
+    seen: list[Judgement] = []
+    agent.pipeline._on_judgement = seen.append
+    accepted = agent.pipeline.stats.accepted
+    agent._handle(msg)  # one message, 100 readings
+    assert agent.pipeline.stats.accepted == accepted + len(part)
+    report = agent.status()["rollout"]
+    assert report["result"] == "rolled_back" and report["shadow_model_id"] == new, report
+    assert agent.bundle.model_id == old
+    after_spike = [j for j in seen if j.score.end_ts >= spike.ts]
+    assert after_spike and {j.score.model_id for j in after_spike} == {old}, "later readings lost"
     agent.shutdown()
 
 

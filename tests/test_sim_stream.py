@@ -222,3 +222,84 @@ def test_serial_port_option_writes_to_an_existing_port() -> None:
         for i in range(30)
     ]
     assert [ln for ln in lines if b",pump-03," in ln] == want
+
+
+@pytest.mark.timeout(60)
+def test_mqtt_batch_stream_carries_the_same_readings_in_batch_payloads(broker) -> None:
+    """`--batch 10` through a real broker: batch payloads of at most 10 readings of one device whose
+    readings are exactly the simulation's (NaN as null), in each device's order; garbage stays garbage."""
+    from agent.parse import parse_json_many
+    from agent.types import Reading
+
+    received: list[tuple[str, bytes]] = []
+    subscribed = threading.Event()
+    sub = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="test-sim-sub-batch")
+    sub.on_connect = lambda c, u, f, rc, p: c.subscribe("edgewatch/sensors/+/telemetry", qos=1)
+    sub.on_subscribe = lambda c, u, mid, rcs, p: subscribed.set()
+    sub.on_message = lambda c, u, m: received.append((m.topic, m.payload))
+    sub.connect(broker.host, broker.port)
+    sub.loop_start()
+    try:
+        assert subscribed.wait(10)
+        seed, devices, duration, rate = 6, 2, 60, 100  # 10k readings/s of wall time: ticks hold several
+        out = subprocess.run(
+            [
+                *(EDGEWATCH, "sim", "mqtt", "--broker", broker.address, "--seed", str(seed)),
+                *("--devices", str(devices), "--rate", str(rate), "--speed", "50"),
+                *("--duration", str(duration), "--start", START_ISO, "--scenario", "sensor_garbage"),
+                *("--fault-after", "20", "--degradation", "5", "--batch", "10"),
+            ],
+            capture_output=True,
+            timeout=40,
+        )
+        assert out.returncode == 0, out.stderr
+        sc = build_scenario("sensor_garbage", devices, duration, 20, 5, seed)
+        chunks = [simulate(seed, d, sc, START_MS, duration, rate) for d in range(devices)]
+        want = {
+            c.device: [
+                json.loads(
+                    encode_json(
+                        c.device, c.seq[i], c.ts_ms[i], c.temperature[i], c.vibration[i], c.pressure[i]
+                    )
+                )
+                for i in range(len(c))
+                if c.wire[i] == WIRE_OK
+            ]
+            for c in chunks
+        }
+        n_garbage = sum(int((c.wire == WIRE_GARBAGE).sum()) for c in chunks)
+        assert n_garbage > 5
+        messages = n_garbage + sum(len(v) for v in want.values())
+        deadline = time.monotonic() + 10
+        settled = -1
+        while time.monotonic() < deadline and len(received) != settled:  # until nothing more arrives
+            settled = len(received)
+            time.sleep(0.5)
+        got: dict[str, list[dict]] = {c.device: [] for c in chunks}
+        garbage = 0
+        for topic, payload in received:
+            device = topic.split("/")[-2]
+            items = parse_json_many(payload, topic, 0.0)
+            if not all(isinstance(r, Reading) for r in items):
+                assert len(items) == 1, items  # a corrupt payload is one message of its own
+                garbage += 1
+                continue
+            doc = json.loads(payload)
+            assert set(doc) == {"v", "device", "batch"} and 1 <= len(doc["batch"]) <= 10
+            got[device] += [{"v": 1, "device": device, **el} for el in doc["batch"]]
+        assert garbage == n_garbage, (len(received), messages, out.stderr)
+        assert got == want  # every reading once, in each device's order
+        assert len(received) < messages / 2, "readings should have been grouped"
+    finally:
+        sub.loop_stop()
+        sub.disconnect()
+
+
+def test_batch_option_is_checked_before_connecting() -> None:
+    for bad in ("0", "501", "x"):
+        out = subprocess.run(
+            [EDGEWATCH, "sim", "mqtt", "--broker", "127.0.0.1:1", "--batch", bad],
+            capture_output=True,
+            text=True,
+        )
+        assert out.returncode == 2 and "--batch" in out.stderr, out.stderr

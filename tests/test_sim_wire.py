@@ -11,6 +11,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from firmware_sim.stream import group_payloads
 from firmware_sim.wire import encode_json, encode_line, garbage_line, garbage_payload, garbage_rng
 
 LINE = re.compile(rb"^EW1,([A-Za-z0-9_.-]{1,32}),(\d+),(\d+),([^,*]+),([^,*]+),([^,*]+)\*([0-9A-F]{8})\n$")
@@ -98,3 +99,45 @@ def test_garbage_payload_is_not_a_reading() -> None:
         with pytest.raises((UnicodeDecodeError, json.JSONDecodeError)):
             json.loads(bad.decode("utf-8"))
     assert np.all([b"\n" not in garbage_payload(garbage_rng(2, 0, s), valid) for s in range(20)])
+
+
+# --- batch payloads: the simulator's grouping -------------------------------------------------------
+
+
+def _rows(device: str, seqs: range) -> list[tuple[str, tuple[int, int, float, float, float]]]:
+    return [(device, (s, 1764806400000 + 1000 * s, 40.0 + s, 2.0, float("nan"))) for s in seqs]
+
+
+def test_batch_one_is_the_classic_stream() -> None:
+    """--batch 1 (the default) sends exactly the single-form payloads, in tick order."""
+    tick = [
+        x for pair in zip(_rows("pump-01", range(3)), _rows("pump-02", range(3)), strict=True) for x in pair
+    ]
+    assert group_payloads(tick, 1) == [(d, encode_json(d, *row)) for d, row in tick]
+
+
+def test_batches_hold_consecutive_readings_of_one_device_and_flush_at_the_tick_end() -> None:
+    tick = [
+        x for pair in zip(_rows("pump-01", range(7)), _rows("pump-02", range(7)), strict=True) for x in pair
+    ]
+    out = group_payloads(tick, 3)
+    docs = [(d, json.loads(p)) for d, p in out]
+    assert all(set(doc) == {"v", "device", "batch"} and doc["device"] == d for d, doc in docs)
+    per_device = {
+        dev: [[el["seq"] for el in doc["batch"]] for d, doc in docs if d == dev]
+        for dev in ("pump-01", "pump-02")
+    }
+    # 7 readings in batches of 3: the last one is not held back for the next tick
+    assert per_device == {"pump-01": [[0, 1, 2], [3, 4, 5], [6]], "pump-02": [[0, 1, 2], [3, 4, 5], [6]]}
+    assert docs[0][1]["batch"][0]["values"]["pressure"] is None  # NaN -> null, never 0
+
+
+def test_garbage_travels_alone_and_keeps_each_devices_order() -> None:
+    junk = b"\xff\xfe not json"
+    tick = [*_rows("pump-01", range(2)), ("pump-01", junk), *_rows("pump-01", range(2, 4))]
+    out = group_payloads(tick, 10)
+    assert [p if p == junk else [el["seq"] for el in json.loads(p)["batch"]] for _, p in out] == [
+        [0, 1],
+        junk,
+        [2, 3],
+    ]
