@@ -59,15 +59,18 @@ Item = RawMessage | Task
 class Inbox:
     """The main loop's queue: raw messages from the sources and tasks from the scheduler, in order.
 
-    Bounded (back-pressure: a full inbox blocks the source thread instead of dropping). Unlike
-    `queue.Queue`, a source puts a whole network read at once (`put_many`) and the main loop takes
-    everything waiting at once (`take`): one lock round and at most one wake-up per burst, not per
-    message. A batch is let in whole once there is room, so the bound can be passed by one batch.
+    Bounded by items and by payload bytes (back-pressure: a full inbox blocks the source thread
+    instead of dropping; a batch payload may be 64 KiB, so a count alone would allow gigabytes).
+    Unlike `queue.Queue`, a source puts a whole network read at once (`put_many`) and the main loop
+    takes everything waiting at once (`take`): one lock round and at most one wake-up per burst, not
+    per message. A batch is let in whole once there is room, so a bound can be passed by one batch.
     """
 
-    def __init__(self, maxsize: int) -> None:
+    def __init__(self, maxsize: int, max_bytes: int = 64 * 1024 * 1024) -> None:
         self.maxsize = maxsize
+        self.max_bytes = max_bytes
         self._items: deque[Item] = deque()
+        self._bytes = 0  # payload bytes of the raw messages waiting
         self._lock = threading.Lock()
         self._not_empty = threading.Condition(self._lock)
         self._not_full = threading.Condition(self._lock)
@@ -75,14 +78,23 @@ class Inbox:
     def __len__(self) -> int:
         return len(self._items)
 
+    @property
+    def nbytes(self) -> int:
+        return self._bytes
+
+    def _full(self) -> bool:
+        return len(self._items) >= self.maxsize or self._bytes >= self.max_bytes
+
     def put(self, item: Item, block: bool = True) -> None:
         """Append one item; waits for room (or raises `queue.Full` with `block=False`)."""
         with self._not_full:
-            while len(self._items) >= self.maxsize:
+            while self._full():
                 if not block:
                     raise queue.Full
                 self._not_full.wait()
             self._items.append(item)
+            if isinstance(item, RawMessage):
+                self._bytes += len(item.payload)
             self._not_empty.notify()
 
     def put_nowait(self, item: Item) -> None:
@@ -91,9 +103,10 @@ class Inbox:
     def put_many(self, items: list[RawMessage]) -> None:
         """Append a source's batch in order; waits while the inbox is full."""
         with self._not_full:
-            while len(self._items) >= self.maxsize:
+            while self._full():
                 self._not_full.wait()
             self._items.extend(items)
+            self._bytes += sum(len(m.payload) for m in items)
             self._not_empty.notify()
 
     def take(self, timeout: float) -> list[Item]:
@@ -103,6 +116,7 @@ class Inbox:
                 self._not_empty.wait(timeout)
             items = list(self._items)
             self._items.clear()
+            self._bytes = 0
             if items:
                 self._not_full.notify_all()
             return items

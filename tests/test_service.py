@@ -16,8 +16,8 @@ from conftest import write_agent_config
 from agent.bundle import Manifest, finalize_bundle, load_bundle
 from agent.config import load_config
 from agent.recording import iter_readings, read_recording
-from agent.service import Agent
-from agent.types import Judgement
+from agent.service import Agent, Inbox
+from agent.types import Judgement, RawMessage
 
 ROOT = Path(__file__).resolve().parents[1]
 EDGEWATCH = str(Path(sys.executable).parent / "edgewatch")
@@ -199,3 +199,26 @@ def _recv_until(sock: socket.socket, wanted: str) -> list[str]:
                 return out
     except TimeoutError:
         return out
+
+
+def test_inbox_is_bounded_by_payload_bytes_and_keeps_order() -> None:
+    """A source blocks (back-pressure, nothing dropped) once the waiting payloads reach max_bytes, even
+    with few messages (batch payloads are up to 64 KiB); taking everything lets it go on, in order."""
+    inbox = Inbox(maxsize=1000, max_bytes=100_000)
+    big = [RawMessage(bytes([i]) * 40_000, "mqtt", "t", float(i)) for i in range(3)]
+    inbox.put_many(big[:3])  # 120 kB: let in whole (a batch is not split), now over the bound
+    assert inbox.nbytes == 120_000
+    done = threading.Event()
+
+    def source() -> None:
+        inbox.put(RawMessage(b"x", "mqtt", "t", 3.0))
+        done.set()
+
+    t = threading.Thread(target=source, daemon=True)
+    t.start()
+    assert not done.wait(0.3)  # blocked on bytes, though only 3 of 1000 items wait
+    first = inbox.take(timeout=0)
+    assert done.wait(5)
+    rest = inbox.take(timeout=1)
+    assert [m.received for m in first + rest] == [0.0, 1.0, 2.0, 3.0]
+    assert inbox.nbytes == 0
