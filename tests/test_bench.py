@@ -59,6 +59,7 @@ def test_bench_quick_writes_json_and_markdown(tmp_path: Path) -> None:
         "MQTT ingest",
         "RSS",
         "CPU",
+        "batch payloads of 10",
         "install",
     ):
         assert needle in figures, needle
