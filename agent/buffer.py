@@ -97,7 +97,7 @@ def _reading_row(r: Reading) -> tuple:
 def _score_row(j: Judgement) -> tuple:
     s = j.score
     thr = j.threshold if math.isfinite(j.threshold) else None
-    errs = _to_json(s.channel_errors)
+    errs = values_json(s.channel_errors)  # the same text as _to_json
     return (s.device, s.start_ts, s.end_ts, s.error, thr, int(j.anomalous), errs, s.model_id)
 
 

@@ -23,8 +23,10 @@ def window_errors(x_scaled: np.ndarray, recon: np.ndarray) -> tuple[np.ndarray, 
     r = np.asarray(recon, dtype=np.float64)
     if x.shape != r.shape or x.ndim != 3:
         raise ValueError(f"expected matching [batch, window, channels] arrays, got {x.shape} and {r.shape}")
-    per_channel = np.mean((x - r) ** 2, axis=1)
-    return per_channel.mean(axis=1), per_channel
+    # sum / n is what np.mean computes (the same add.reduce, then one division), without its
+    # Python-level wrapper: this runs once per scored window
+    per_channel = ((x - r) ** 2).sum(axis=1) / x.shape[1]
+    return per_channel.sum(axis=1) / x.shape[2], per_channel
 
 
 def latent_t2(codes: np.ndarray, mean: np.ndarray, inv_cov: np.ndarray) -> np.ndarray:
@@ -114,11 +116,11 @@ class Scorer:
                 device=w.device,
                 start_ts=w.start_ts,
                 end_ts=w.end_ts,
-                error=float(total[i]),
-                channel_errors={n: float(per[i, j]) for j, n in enumerate(names)},
+                error=err,
+                channel_errors=dict(zip(names, errs, strict=True)),
                 model_id=mid,
             )
-            for i, w in enumerate(windows)
+            for w, err, errs in zip(windows, total.tolist(), per.tolist(), strict=True)
         ]
 
     def attribution(self, score: Score) -> dict[str, float]:
