@@ -30,6 +30,19 @@ def _windows(n: int, rng: np.random.Generator) -> list[Window]:
     ]
 
 
+@pytest.mark.parametrize("shape", [(1, 32, 8), (5, 64, 3), (300, 17, 5)])
+def test_window_errors_are_bit_identical_to_np_mean(shape: tuple[int, int, int]) -> None:
+    """Thresholds calibrated offline and stored scores depend on the exact float64 values: the fast
+    form (sum / n) must equal the mean over time, then over channels, to the last bit."""
+    rng = np.random.default_rng(sum(shape))
+    x = rng.normal(size=shape).astype(np.float32)
+    r = (x + 0.1 * rng.normal(size=shape)).astype(np.float32)
+    per_ref = np.mean((x.astype(np.float64) - r.astype(np.float64)) ** 2, axis=1)
+    total, per = window_errors(x, r)
+    assert np.array_equal(per, per_ref)
+    assert np.array_equal(total, per_ref.mean(axis=1))
+
+
 def test_window_errors_by_hand() -> None:
     x = np.zeros((1, 2, 2))
     r = np.array([[[1.0, 0.0], [3.0, 2.0]]])
