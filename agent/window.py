@@ -25,7 +25,7 @@ from itertools import islice
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-from agent.resample import grid_for, resample_to_grid
+from agent.resample import _EXACT_S, grid_for, resample_to_grid
 from agent.types import Reading, Window
 
 _SNAP = 1e-6  # as in agent.resample: float noise in ms timestamps must not move a point off the grid
@@ -54,10 +54,10 @@ class _Device:
     rows: deque[tuple[float, ...]] = field(default_factory=deque)
     last_finite: list[float | None] = field(default_factory=list)
     next_k: int | None = None  # smallest window-end grid index not yet evaluated (multiple of stride)
-    # The newest run of finite samples that sit on grid points (holes between them bridged, as any gap
-    # in the ring is <= max_gap): its grid values, computed once per grid point as the samples arrive.
-    # run_k0 = grid index of grid[0] (None: the newest sample is off the grid or not finite); run_k1 =
-    # grid index of the newest sample, run_ts / run_row = that sample.
+    # The newest run of samples finite in every channel (on or off the grid; any gap in the ring is
+    # <= max_gap): its grid values, each computed once, when the sample after it arrives (`_extend_run`).
+    # run_k0 = grid index of grid[0] (None: no run, the newest sample is not finite); run_k1 = index
+    # of the last settled grid point; run_ts / run_row = the run's newest sample.
     grid: deque[tuple[float, ...]] = field(default_factory=deque)
     run_k0: int | None = None
     run_k1: int = 0
@@ -86,8 +86,7 @@ class Windower:
         self.period = float(period)
         self.max_gap = float(max_gap)
         self._devices: dict[str, _Device] = {}
-        self._grid_ok = self.period >= 1e-3  # the on-grid shortcuts need periods well above the ms stamps
-        self._on_grid_tol = _ON_GRID_S * min(1.0, self.period)
+        self._grid_ok = self.period >= 1e-3  # the run shortcut needs periods well above the ms stamps
 
     def devices(self) -> list[str]:
         return sorted(self._devices)
@@ -131,15 +130,8 @@ class Windower:
         if math.isfinite(sum(row)):  # a finite sum means every value is finite (the usual reading)
             for c in range(len(last_finite)):
                 last_finite[c] = ts
-            k = round(ts / period)
-            if self._grid_ok and abs(ts - k * period) <= self._on_grid_tol:
-                if st.run_k0 is not None and k == st.run_k1 + 1:  # the run goes on (`_extend_run`)
-                    st.grid.append(row)
-                    st.run_k1, st.run_ts, st.run_row = k, ts, row
-                else:
-                    self._extend_run(st, k, ts, row)
-            else:
-                st.run_k0 = None
+            if self._grid_ok:
+                self._extend_run(st, ts, row)
         else:
             st.run_k0 = None
             for c, x in enumerate(row):
@@ -196,25 +188,43 @@ class Windower:
         st.next_k = (k_done // self.stride + 1) * self.stride
         return out
 
-    def _extend_run(self, st: _Device, k: int, ts: float, row: tuple[float, ...]) -> None:
-        """Add a finite sample sitting on grid point k to the run's grid values (or start a run).
+    def _extend_run(self, st: _Device, ts: float, row: tuple[float, ...]) -> None:
+        """Add a finite sample to the newest run and compute the grid points it settles (or start a run).
 
-        What `agent.resample` gives these grid points, computed once: a grid point with its own sample
-        within `_ON_GRID_S` is "exact" on it (no other sample lies within the resampler's 1e-6 s), and
-        one in a hole between two run samples is interpolated between them with the same float
-        operations (their gap is <= max_gap, or `push` would have cleared the ring).
+        Exactly what `agent.resample` gives these grid points, computed once each instead of once per
+        window: a point's left neighbour is the last sample at or before it (+ the resampler's 1e-6 s
+        tolerance); within that tolerance the point takes the sample's values ("exact"), otherwise it
+        is interpolated between its two neighbours with the same float operations (their gap is
+        <= max_gap, or `push` would have cleared the ring). A point after the newest sample waits for
+        the next one. Every sample of a run is finite in every channel, so the resampler's
+        per-channel neighbour search finds the same neighbours for all channels.
         """
-        if st.run_k0 is not None and k > st.run_k1:
-            if k - st.run_k1 > 1:
-                t0, v0, span, period = st.run_ts, st.run_row, ts - st.run_ts, self.period
-                for j in range(st.run_k1 + 1, k):
-                    w = (j * period - t0) / span
-                    st.grid.append(tuple([a + w * (b - a) for a, b in zip(v0, row, strict=True)]))
-        else:
-            st.grid.clear()
+        period, tol, grid = self.period, _EXACT_S, st.grid
+        if st.run_k0 is None:  # the first grid point whose left neighbour is this sample
+            k = math.ceil((ts - tol) / period)
+            while k * period + tol < ts:
+                k += 1
+            while (k - 1) * period + tol >= ts:
+                k -= 1
+            grid.clear()
             st.run_k0 = k
-        st.grid.append(row)
-        st.run_k1, st.run_ts, st.run_row = k, ts, row
+            t0, v0 = ts, row  # no earlier sample in the run: only exact points can be settled
+        else:
+            k = st.run_k1 + 1
+            t0, v0 = st.run_ts, st.run_row
+        span = ts - t0
+        while True:
+            g = k * period
+            if ts <= g + tol:  # the new sample is the point's left neighbour
+                if abs(ts - g) <= tol:
+                    grid.append(row)
+                    k += 1
+                    continue
+                break  # after the newest sample: settled by the next one
+            w = (g - t0) / span  # between the previous sample and this one (span > 0)
+            grid.append(tuple([a + w * (b - a) for a, b in zip(v0, row, strict=True)]))
+            k += 1
+        st.run_k1, st.run_ts, st.run_row = k - 1, ts, row
 
     def _emit_from_run(self, device: str, st: _Device, k: int, k_done: int, out: list[Window]) -> None:
         """Windows ending at k..k_done (on the stride), sliced from the run's grid values: no

@@ -87,18 +87,19 @@ def _windows_both_ways(readings: list) -> tuple[list, list]:  # type: ignore[typ
     return out_fast, out_slow
 
 
-@pytest.mark.parametrize("case", ["on_grid", "jitter", "gaps_and_missing", "runs", "holes"])
+CASES = ["on_grid", "jitter", "gaps_and_missing", "runs", "holes", "offset_nan", "dense_sparse"]
+
+
+@pytest.mark.parametrize("case", CASES)
 def test_windower_fast_path_cuts_the_same_windows_as_resampling(case: str) -> None:
-    """The bench's windower speed-ups (skip interpolation when samples sit on the grid, for the whole
-    ring or for the newest on-grid run) change nothing."""
+    """The bench's windower speed-ups (skip interpolation when samples sit on the grid; keep the
+    newest run's grid values, each point interpolated once, on or off the grid) change nothing."""
     from agent.types import Reading
 
-    rng = np.random.default_rng(
-        {"on_grid": 1, "jitter": 2, "gaps_and_missing": 3, "runs": 4, "holes": 5}[case]
-    )
+    rng = np.random.default_rng(CASES.index(case) + 1)
     t0 = 1_764_806_400.0
     readings = []
-    t = t0
+    t, hole = t0, 0.0
     for i in range(600):
         t += 1.0
         if case == "jitter":
@@ -111,7 +112,15 @@ def test_windower_fast_path_cuts_the_same_windows_as_resampling(case: str) -> No
             t += float(rng.choice([1.0, 2.0]))  # SKAB-like: one or two missing seconds, bridged
         if case == "gaps_and_missing" and i % 97 == 50:
             t += float(rng.choice([2.0, 7.0]))  # one bridged, one breaking gap
+        if case == "offset_nan":  # a device clock 0.437 s off the grid, holes of 1-2 s
+            hole += float(rng.choice([1.0, 2.0])) if rng.random() < 0.08 else 0.0
+            t = round(t0 + i + 1 + 0.437 + hole, 3)
+        if case == "dense_sparse":  # 0.4 s apart, then 2.5 s apart (every point interpolated)
+            t = readings[-1].ts + (0.4 if (i // 50) % 2 == 0 else 2.5) if readings else t0 + 0.25
+            t = round(t, 3)
         values = {"a": float(rng.normal()), "b": float(rng.normal())}
+        if case == "offset_nan" and i % 61 == 5:
+            values["a"] = math.nan  # a NaN ends the run; the resampler bridges channel a around it
         if case in ("gaps_and_missing", "runs") and i % 41 == 7:
             del values["b"]  # a channel that did not arrive
         readings.append(Reading(device="d1", ts=t, values=values))
