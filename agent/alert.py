@@ -151,6 +151,9 @@ class AlertManager:
         self._norm: dict[str, float] = {}
         self.channel_norm = channel_norm
         self._pending_rows: dict[str, dict] = {}  # alerts-table rows not yet written
+        # Live: persist after every event, so a crash never loses an alert that went out. A replay turns
+        # it off (agent.replay): its events are not sent anywhere, and the recording can be replayed.
+        self.save_on_event = True
         self._last_persist = time.monotonic()
         if db is not None:
             self._restore()
@@ -194,7 +197,9 @@ class AlertManager:
                     events.append(self._open(dev, judgement))
         else:
             events.extend(self._continue(dev, judgement, ratio))
-        if events or time.monotonic() - self._last_persist >= self.config.persist_every_s:
+        if (
+            events and self.save_on_event
+        ) or time.monotonic() - self._last_persist >= self.config.persist_every_s:
             try:
                 self.save()
             except sqlite3.Error as exc:

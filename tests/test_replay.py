@@ -72,6 +72,33 @@ def test_replay_is_deterministic(bearing: Path, tmp_path: Path) -> None:
     assert a.alert_spans() == b.alert_spans() != {}
 
 
+def test_replay_saving_alert_state_at_the_end_stores_what_saving_per_event_stores(
+    bearing: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Replay saves alert state on its timer and at the end, not after every event (live does): the
+    alerts and state tables must end up the same as with a save per event."""
+    import agent.replay as replay_mod
+
+    tables = []
+    for name, per_event in (("end.db", False), ("each.db", True)):
+        if per_event:
+            bulk = replay_mod._bulk_transactions
+
+            def keep_saving(pipeline: object, bulk: object = bulk) -> None:
+                bulk(pipeline)  # type: ignore[operator]
+                pipeline.alerts.save_on_event = True  # type: ignore[attr-defined]
+
+            monkeypatch.setattr(replay_mod, "_bulk_transactions", keep_saving)
+        result = run_replay([bearing], tmp_path, name)
+        assert result.alerts()
+        with sqlite3.connect(tmp_path / name) as con:
+            alerts = sorted(con.execute("SELECT * FROM alerts").fetchall())
+            state = sorted(con.execute("SELECT key, value_json FROM state").fetchall())
+        tables.append((alerts, state))
+    assert tables[0] == tables[1]
+    assert tables[0][0] and any(key.startswith("alert") for key, _ in tables[0][1])
+
+
 def test_cli_replay_writes_events_summary_and_report(bearing: Path, tmp_path: Path) -> None:
     events = tmp_path / "events.jsonl"
     out = subprocess.run(
