@@ -39,6 +39,19 @@ T = TypeVar("T")
 MAX_SIM_BATCH = 500  # readings per batch payload: 500 of ours stay well below the 64 KiB cap
 
 
+def _wire_rows(chunk: Chunk) -> Iterator[tuple[int, int, float, float, float, int]]:
+    """(seq, ts_ms, temperature, vibration, pressure, wire state) of each reading of a chunk."""
+    return zip(
+        chunk.seq.tolist(),
+        chunk.ts_ms.tolist(),
+        chunk.temperature.tolist(),
+        chunk.vibration.tolist(),
+        chunk.pressure.tolist(),
+        chunk.wire.tolist(),
+        strict=True,
+    )
+
+
 def _payloads(
     chunk: Chunk,
     seed: int,
@@ -48,16 +61,7 @@ def _payloads(
 ) -> list[bytes | None]:
     """Encoded readings of a chunk: None for dropout (silence), corrupted bytes for garbage."""
     out: list[bytes | None] = []
-    rows = zip(
-        chunk.seq.tolist(),
-        chunk.ts_ms.tolist(),
-        chunk.temperature.tolist(),
-        chunk.vibration.tolist(),
-        chunk.pressure.tolist(),
-        chunk.wire.tolist(),
-        strict=True,
-    )
-    for seq, ts, t, v, p, w in rows:
+    for seq, ts, t, v, p, w in _wire_rows(chunk):
         if w == WIRE_DROPOUT:
             out.append(None)
             continue
@@ -76,16 +80,7 @@ def json_rows(chunk: Chunk, seed: int, device: int) -> list[WireRow | bytes | No
     reading, None for dropout, and for garbage the corrupted single-form payload, as bytes (it always
     travels alone: it is not a reading)."""
     out: list[WireRow | bytes | None] = []
-    rows = zip(
-        chunk.seq.tolist(),
-        chunk.ts_ms.tolist(),
-        chunk.temperature.tolist(),
-        chunk.vibration.tolist(),
-        chunk.pressure.tolist(),
-        chunk.wire.tolist(),
-        strict=True,
-    )
-    for seq, ts, t, v, p, w in rows:
+    for seq, ts, t, v, p, w in _wire_rows(chunk):
         if w == WIRE_DROPOUT:
             out.append(None)
         elif w == WIRE_GARBAGE:
