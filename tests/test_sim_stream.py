@@ -4,6 +4,7 @@ for the same seed, scenario and start, i.e. what `record` writes."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import select
@@ -14,11 +15,13 @@ import threading
 import time
 import tty
 import zlib
+from collections.abc import Iterator
 from pathlib import Path
 
 import paho.mqtt.client as mqtt
 import pytest
 import serial
+from conftest import Broker
 
 from firmware_sim.pump import WIRE_GARBAGE, WIRE_OK, simulate
 from firmware_sim.scenario import build_scenario
@@ -134,11 +137,13 @@ def test_serial_stops_cleanly_on_sigterm_and_starts_a_day_back() -> None:
             proc.kill()
 
 
-@pytest.mark.timeout(60)
-def test_mqtt_stream_reaches_a_real_broker(broker) -> None:
+@contextlib.contextmanager
+def telemetry_subscriber(broker: Broker, client_id: str) -> Iterator[list[tuple[str, bytes]]]:
+    """A subscriber to every device's telemetry on `broker` (subscription acknowledged), collecting
+    (topic, payload) in arrival order."""
     received: list[tuple[str, bytes]] = []
     subscribed = threading.Event()
-    sub = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="test-sim-sub")
+    sub = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id)
     sub.on_connect = lambda c, u, f, rc, p: c.subscribe("edgewatch/sensors/+/telemetry", qos=1)
     sub.on_subscribe = lambda c, u, mid, rcs, p: subscribed.set()
     sub.on_message = lambda c, u, m: received.append((m.topic, m.payload))
@@ -146,6 +151,15 @@ def test_mqtt_stream_reaches_a_real_broker(broker) -> None:
     sub.loop_start()
     try:
         assert subscribed.wait(10)
+        yield received
+    finally:
+        sub.loop_stop()
+        sub.disconnect()
+
+
+@pytest.mark.timeout(60)
+def test_mqtt_stream_reaches_a_real_broker(broker) -> None:
+    with telemetry_subscriber(broker, "test-sim-sub") as received:
         seed, devices, duration = 5, 2, 100
         out = subprocess.run(
             [
@@ -182,9 +196,6 @@ def test_mqtt_stream_reaches_a_real_broker(broker) -> None:
         got = {(topic, json.loads(p)["seq"]): p for topic, p in received}
         assert len(received) == len(want)
         assert got == want
-    finally:
-        sub.loop_stop()
-        sub.disconnect()
 
 
 @pytest.mark.timeout(60)
@@ -231,16 +242,7 @@ def test_mqtt_batch_stream_carries_the_same_readings_in_batch_payloads(broker) -
     from agent.parse import parse_json_many
     from agent.types import Reading
 
-    received: list[tuple[str, bytes]] = []
-    subscribed = threading.Event()
-    sub = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="test-sim-sub-batch")
-    sub.on_connect = lambda c, u, f, rc, p: c.subscribe("edgewatch/sensors/+/telemetry", qos=1)
-    sub.on_subscribe = lambda c, u, mid, rcs, p: subscribed.set()
-    sub.on_message = lambda c, u, m: received.append((m.topic, m.payload))
-    sub.connect(broker.host, broker.port)
-    sub.loop_start()
-    try:
-        assert subscribed.wait(10)
+    with telemetry_subscriber(broker, "test-sim-sub-batch") as received:
         seed, devices, duration, rate = 6, 2, 60, 100  # 10k readings/s of wall time: ticks hold several
         out = subprocess.run(
             [
@@ -290,9 +292,6 @@ def test_mqtt_batch_stream_carries_the_same_readings_in_batch_payloads(broker) -
         assert garbage == n_garbage, (len(received), messages, out.stderr)
         assert got == want  # every reading once, in each device's order
         assert len(received) < messages / 2, "readings should have been grouped"
-    finally:
-        sub.loop_stop()
-        sub.disconnect()
 
 
 def test_batch_option_is_checked_before_connecting() -> None:
