@@ -212,29 +212,18 @@ def _batch(doc: dict, device: str, received: float, payload: bytes, topic: str) 
     out: list[Reading | Reject] = []
     for i, el in enumerate(batch):
         where = f"batch[{i}]: "
+        item: Reading | Reject
         if not isinstance(el, dict):
-            out.append(
-                _reject(
-                    "schema",
-                    f"{where}a JSON {type(el).__name__}, not an object",
-                    _element_raw(el, payload),
-                    device,
-                )
-            )
+            item = _reject("schema", f"{where}a JSON {type(el).__name__}, not an object", payload, device)
         elif el.keys() != _ELEMENT_KEYS:
-            out.append(
-                _reject(
-                    "schema",
-                    f"{where}keys: {_key_mismatch(el.keys(), _ELEMENT_KEYS)}",
-                    _element_raw(el, payload),
-                    device,
-                )
+            item = _reject(
+                "schema", f"{where}keys: {_key_mismatch(el.keys(), _ELEMENT_KEYS)}", payload, device
             )
         else:
             item = _reading(el, device, received, payload, where)
-            if isinstance(item, Reject):
-                item.raw = _element_raw(el, payload)
-            out.append(item)
+        if isinstance(item, Reject):
+            item.raw = _element_raw(el, payload)
+        out.append(item)
     return out
 
 

@@ -16,7 +16,7 @@ import signal
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -75,38 +75,29 @@ class Inbox:
         self._not_empty = threading.Condition(self._lock)
         self._not_full = threading.Condition(self._lock)
 
-    def __len__(self) -> int:
-        return len(self._items)
-
     @property
     def nbytes(self) -> int:
         return self._bytes
 
-    def _full(self) -> bool:
-        return len(self._items) >= self.maxsize or self._bytes >= self.max_bytes
-
     def put(self, item: Item, block: bool = True) -> None:
         """Append one item; waits for room (or raises `queue.Full` with `block=False`)."""
-        with self._not_full:
-            while self._full():
-                if not block:
-                    raise queue.Full
-                self._not_full.wait()
-            self._items.append(item)
-            if isinstance(item, RawMessage):
-                self._bytes += len(item.payload)
-            self._not_empty.notify()
+        self._put([item], block)
 
     def put_nowait(self, item: Item) -> None:
-        self.put(item, block=False)
+        self._put([item], block=False)
 
     def put_many(self, items: list[RawMessage]) -> None:
         """Append a source's batch in order; waits while the inbox is full."""
+        self._put(items, block=True)
+
+    def _put(self, items: Sequence[Item], block: bool) -> None:
         with self._not_full:
-            while self._full():
+            while len(self._items) >= self.maxsize or self._bytes >= self.max_bytes:
+                if not block:
+                    raise queue.Full
                 self._not_full.wait()
             self._items.extend(items)
-            self._bytes += sum(len(m.payload) for m in items)
+            self._bytes += sum(len(m.payload) for m in items if isinstance(m, RawMessage))
             self._not_empty.notify()
 
     def take(self, timeout: float) -> list[Item]:

@@ -52,27 +52,16 @@ def _wire_rows(chunk: Chunk) -> Iterator[tuple[int, int, float, float, float, in
     )
 
 
-def _payloads(
-    chunk: Chunk,
-    seed: int,
-    device: int,
-    encode: Callable[..., bytes],
-    corrupt: Callable[[object, bytes], bytes],
-) -> list[bytes | None]:
-    """Encoded readings of a chunk: None for dropout (silence), corrupted bytes for garbage."""
+def line_payloads(chunk: Chunk, seed: int, device: int) -> list[bytes | None]:
+    """Serial lines of a chunk: None for dropout (silence), corrupted bytes for garbage."""
     out: list[bytes | None] = []
     for seq, ts, t, v, p, w in _wire_rows(chunk):
         if w == WIRE_DROPOUT:
             out.append(None)
             continue
-        msg = encode(chunk.device, seq, ts, t, v, p)
-        out.append(corrupt(garbage_rng(seed, device, seq), msg) if w == WIRE_GARBAGE else msg)
+        line = encode_line(chunk.device, seq, ts, t, v, p)
+        out.append(garbage_line(garbage_rng(seed, device, seq), line) if w == WIRE_GARBAGE else line)
     return out
-
-
-def line_payloads(chunk: Chunk, seed: int, device: int) -> list[bytes | None]:
-    """Serial lines of a chunk."""
-    return _payloads(chunk, seed, device, encode_line, garbage_line)
 
 
 def json_rows(chunk: Chunk, seed: int, device: int) -> list[WireRow | bytes | None]:
